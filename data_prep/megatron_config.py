@@ -1,0 +1,103 @@
+"""How Megatron's own GPTDataset must read a packed dataset: one packed sequence per sample.
+
+Why not ``sequence_length = L`` with ``add_extra_token_to_sequence = True`` (Megatron's default)?
+GPTDataset then advances L tokens per sample through the (shuffled) concatenation of stored
+sequences, so consecutive samples share a token and sample i starts i tokens off packed sequence i:
+samples straddle packed sequences. With ``sequence_length = L + 1`` and
+``add_extra_token_to_sequence = False`` it advances exactly L+1 tokens per sample, every sample is
+exactly one stored sequence (whatever the document shuffle, the sample shuffle or the number of
+epochs), and ``tokens`` / ``labels`` are the L+1 tokens and their shift with one padded label at the
+end. :func:`model_inputs` cuts that last position off, which leaves the model L input tokens and L
+real labels: the L+1 packed tokens, used in full.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from data_prep.errors import PrepError
+from data_prep.pack import SPLITS, split_prefix, summary_path
+
+
+class MegatronTokenizerView:
+    """The part of a tokenizer GPTDataset reads: ``vocab_size``, ``eod`` and ``unique_identifiers``
+    (which goes into the hash that names GPTDataset's index cache). No ``pad``: Megatron then pads
+    with -1, which never collides with a real token."""
+
+    def __init__(self, description: dict[str, Any], vocab_size: int, eod: int) -> None:
+        self.vocab_size = vocab_size
+        self.eod = eod
+        self.unique_identifiers = {"class": "longnet-prep", "tokenizer": description}
+
+
+def read_pack_summary(prefix: str) -> dict[str, Any]:
+    """The ``<prefix>.pack.json`` written by ``longnet-prep pack``."""
+    path = summary_path(prefix)
+    if not os.path.exists(path):
+        raise PrepError(f"{path} not found: {prefix} is not the output prefix of `longnet-prep pack`")
+    with open(path) as f:
+        return json.load(f)
+
+
+def gpt_dataset_config_for(
+    prefix: str,
+    seq_length: int | None = None,
+    *,
+    random_seed: int = 1234,
+    path_to_cache: str | None = None,
+    reset_position_ids: bool = False,
+    reset_attention_mask: bool = False,
+    eod_mask_loss: bool = False,
+):
+    """A ``GPTDatasetConfig`` that reads the packed dataset ``prefix`` one packed sequence per sample.
+
+    ``seq_length`` (the model's L) is checked against the packed length when given. Splits that are
+    empty or were not written get no blend (Megatron builds no dataset for them). The index cache
+    goes to ``path_to_cache`` (default ``<prefix>_gpt_cache``). The attention mask is not built:
+    at L = 1M a dense mask would not fit; the attention kernel masks causally itself.
+    """
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    summary = read_pack_summary(prefix)
+    length = int(summary["seq_length"])
+    if seq_length is not None and seq_length != length:
+        raise PrepError(f"{prefix} is packed for seq_length {length}, not {seq_length}; pack it again")
+    from data_prep.tokenizers import get_tokenizer
+
+    tok = get_tokenizer(summary["tokenizer"])
+    splits = summary["splits"]
+    blend_per_split = [
+        ([split_prefix(prefix, s)], None) if splits.get(s, {}).get("sequences", 0) > 0 else None for s in SPLITS
+    ]
+    return GPTDatasetConfig(
+        random_seed=random_seed,
+        sequence_length=length + 1,
+        add_extra_token_to_sequence=False,
+        blend_per_split=blend_per_split,
+        tokenizer=MegatronTokenizerView(tok.describe(), tok.vocab_size, tok.eod_id),
+        reset_position_ids=reset_position_ids,
+        reset_attention_mask=reset_attention_mask,
+        eod_mask_loss=eod_mask_loss,
+        create_attention_mask=False,
+        path_to_cache=path_to_cache or f"{prefix}_gpt_cache",
+        mmap_bin_files=True,
+    )
+
+
+def model_inputs(sample: dict[str, Any]) -> dict[str, Any]:
+    """A GPTDataset sample (L+1 positions) cut to the model's L: drops the one padded label."""
+    return {k: v[..., :-1] for k, v in sample.items() if k in ("tokens", "labels", "loss_mask", "position_ids")}
+
+
+def packed_sequence_index(dataset: Any, i: int) -> int:
+    """Which packed sequence GPTDataset sample ``i`` is (to look up its document boundaries).
+
+    Each sample ends exactly at the end of one stored sequence (see the module docstring); the
+    sample index's end entry names that sequence through the document index.
+    """
+    if dataset.shuffle_index is None:  # defer_npy_index_mmap: let GPTDataset load its indices
+        dataset[i]
+    end = dataset.sample_index[int(dataset.shuffle_index[i]) + 1]
+    return int(dataset.document_index[int(end[0])])

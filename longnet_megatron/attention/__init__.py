@@ -1,0 +1,27 @@
+"""Exact LongNet dilated attention (DESIGN.md sections 1-3).
+
+from longnet_megatron.attention import DilatedAttentionConfig, dilated_attention
+cfg = DilatedAttentionConfig(segment_lengths=(2048, 4096), dilation_rates=(1, 2))
+out = dilated_attention(q, k, v, cfg)     # q [B, N, Hq, D], k/v [B, N, Hkv, D]
+"""
+
+from .api import DilatedAttention, dilated_attention
+from .backends import (
+    AttentionBackend,
+    UnsupportedInputError,
+    available_backends,
+    get_backend,
+    register_backend,
+)
+from .config import DilatedAttentionConfig
+
+__all__ = [
+    "AttentionBackend",
+    "DilatedAttention",
+    "DilatedAttentionConfig",
+    "UnsupportedInputError",
+    "available_backends",
+    "dilated_attention",
+    "get_backend",
+    "register_backend",
+]

@@ -1,0 +1,84 @@
+"""Attention kernels behind one interface, and the automatic choice among them.
+
+``get_backend("auto", q)`` tries the fused kernels in order of speed and takes the first that imports
+and accepts ``q``; a name picks one explicitly and fails with the reason if it cannot run.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+import torch
+
+from .base import AttentionBackend, UnsupportedInputError
+from .reference import ReferenceBackend
+
+# name -> "module:Class" (imported lazily: fused kernels need CUDA libraries that may be absent).
+_REGISTRY: dict[str, str | Callable[[], AttentionBackend]] = {"reference": ReferenceBackend}
+_AUTO_ORDER: list[str] = ["reference"]
+_CACHE: dict[str, AttentionBackend] = {}
+
+
+def register_backend(
+    name: str, factory: str | Callable[[], AttentionBackend], *, auto_rank: int | None = None
+) -> None:
+    """Add a backend; ``auto_rank`` places it in the automatic order (0 = tried first)."""
+    _REGISTRY[name] = factory
+    _CACHE.pop(name, None)
+    if auto_rank is not None:
+        if name in _AUTO_ORDER:
+            _AUTO_ORDER.remove(name)
+        _AUTO_ORDER.insert(auto_rank, name)
+
+
+def available_backends() -> list[str]:
+    """Names of all registered backends (importable or not)."""
+    return sorted(_REGISTRY)
+
+
+def _load(name: str) -> AttentionBackend:
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"unknown attention backend {name!r}; choose 'auto' or one of {available_backends()}"
+        )
+    if name not in _CACHE:
+        factory = _REGISTRY[name]
+        if isinstance(factory, str):
+            module, _, attr = factory.partition(":")
+            factory = getattr(importlib.import_module(module, __package__), attr)
+        _CACHE[name] = factory()
+    return _CACHE[name]
+
+
+def get_backend(name: str | AttentionBackend = "auto", q: torch.Tensor | None = None) -> AttentionBackend:
+    """Resolve ``name`` (or pass through a backend object), checking it accepts ``q`` when given."""
+    if not isinstance(name, str):
+        if q is not None:
+            name.check(q)
+        return name
+    if name != "auto":
+        backend = _load(name)
+        if q is not None:
+            backend.check(q)
+        return backend
+    reasons = []
+    for candidate in _AUTO_ORDER:
+        try:
+            backend = _load(candidate)
+            if q is not None:
+                backend.check(q)
+            return backend
+        except (ImportError, UnsupportedInputError, RuntimeError) as err:
+            reasons.append(f"{candidate}: {err}")
+    raise UnsupportedInputError("no attention backend accepts these inputs: " + "; ".join(reasons))
+
+
+__all__ = [
+    "AttentionBackend",
+    "ReferenceBackend",
+    "UnsupportedInputError",
+    "available_backends",
+    "get_backend",
+    "register_backend",
+]

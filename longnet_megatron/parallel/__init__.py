@@ -1,0 +1,1 @@
+"""Parallel algorithms specific to LongNet (context parallelism over Megatron's CP group)."""

@@ -1,0 +1,5 @@
+"""Helpers for tests: run Megatron code in several CPU (gloo) processes."""
+
+from longnet_megatron.testing.distributed import DistributedWorkerError, ParallelLayout, run_distributed
+
+__all__ = ["DistributedWorkerError", "ParallelLayout", "run_distributed"]
