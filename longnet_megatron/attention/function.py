@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from .backends.base import AttentionBackend
-from .indexing import AttentionTask
+from .indexing import AttentionTask, Selection
 
 
 def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -35,21 +35,38 @@ def dilated_forward(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merged output ``[B, N, Hq, D]`` (q's dtype) and log-sum-exp ``[B, N, Hq]`` (float32/64)."""
-    acc = _accumulator_dtype(q.dtype)
-    out = torch.zeros(q.shape, dtype=acc, device=q.device)
-    lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
+    out, lse = new_accumulators(q)
     for task in tasks:
         sel, kv = task.query, task.key_value
         o_i, l_i = backend.forward(sel.gather(q), kv.gather(k), kv.gather(v), causal=causal, scale=scale)
-        l_i = l_i.transpose(1, 2).to(acc)  # [b, l, h]
-        l_old = sel.gather(lse)
-        l_new = torch.logaddexp(l_old, l_i)
-        merged = sel.gather(out) * torch.exp(l_old - l_new)[..., None]
-        merged += o_i.to(acc) * torch.exp(l_i - l_new)[..., None]
-        sel.put(out, merged)
-        sel.put(lse, l_new)
-        del o_i, l_i, l_old, merged
+        merge_partial(out, lse, sel, o_i, l_i)
+        del o_i, l_i
     return out.to(q.dtype), lse
+
+
+def new_accumulators(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty merge state for q: output zeros ``[B, N, H, D]`` and log-sum-exp -inf ``[B, N, H]``."""
+    acc = _accumulator_dtype(q.dtype)
+    out = torch.zeros(q.shape, dtype=acc, device=q.device)
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
+    return out, lse
+
+
+def merge_partial(
+    out: torch.Tensor, lse: torch.Tensor, sel: Selection, o_i: torch.Tensor, l_i: torch.Tensor
+) -> None:
+    """Fold one call's (O_i, L_i) (``[b, l, h, d]``, ``[b, h, l]``) into the selected part of (out, lse).
+
+    L = logaddexp(L, L_i); O = O * exp(L_old - L) + O_i * exp(L_i - L): the exact softmax-denominator
+    weighting of DESIGN.md section 1, applied online so no per-pattern buffer is kept.
+    """
+    l_i = l_i.transpose(1, 2).to(lse.dtype)
+    l_old = sel.gather(lse)
+    l_new = torch.logaddexp(l_old, l_i)
+    merged = sel.gather(out) * torch.exp(l_old - l_new)[..., None]
+    merged += o_i.to(out.dtype) * torch.exp(l_i - l_new)[..., None]
+    sel.put(out, merged)
+    sel.put(lse, l_new)
 
 
 def dilated_backward(
