@@ -103,13 +103,10 @@ def encode_records(
         else:
             empty += 1
     ids = tokenizer.encode_batch(texts)
+    eod = np.array([tokenizer.eod_id], dtype=dtype)
+    pieces = [piece for x in ids for piece in (x, eod)]
+    tokens = np.concatenate(pieces, dtype=dtype, casting="unsafe") if pieces else np.empty(0, dtype)
     lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
-    tokens = np.empty(int(lengths.sum()), dtype=dtype)
-    pos = 0
-    for x in ids:
-        tokens[pos : pos + len(x)] = x
-        tokens[pos + len(x)] = tokenizer.eod_id
-        pos += len(x) + 1
     return EncodedBatch(tokens, lengths, errors, empty, sum(r.nbytes for r in records))
 
 

@@ -69,7 +69,8 @@ def gpt_dataset_config_for(
     tok = get_tokenizer(summary["tokenizer"])
     splits = summary["splits"]
     blend_per_split = [
-        ([split_prefix(prefix, s)], None) if splits.get(s, {}).get("sequences", 0) > 0 else None for s in SPLITS
+        ([split_prefix(prefix, s)], None) if splits.get(s, {}).get("sequences", 0) > 0 else None
+        for s in SPLITS
     ]
     return GPTDatasetConfig(
         random_seed=random_seed,
@@ -88,7 +89,9 @@ def gpt_dataset_config_for(
 
 def model_inputs(sample: dict[str, Any]) -> dict[str, Any]:
     """A GPTDataset sample (L+1 positions) cut to the model's L: drops the one padded label."""
-    return {k: v[..., :-1] for k, v in sample.items() if k in ("tokens", "labels", "loss_mask", "position_ids")}
+    return {
+        k: v[..., :-1] for k, v in sample.items() if k in ("tokens", "labels", "loss_mask", "position_ids")
+    }
 
 
 def packed_sequence_index(dataset: Any, i: int) -> int:

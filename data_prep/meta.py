@@ -14,6 +14,7 @@ from data_prep.errors import PrepError
 
 TOKENIZED = "longnet-prep/tokenized"
 PACKED = "longnet-prep/packed"
+BOUNDARIES = "longnet-prep/boundaries"
 
 
 def meta_path(prefix: str) -> str:

@@ -29,7 +29,7 @@ import numpy as np
 
 from data_prep.atomic import atomic_outputs
 from data_prep.errors import PrepError
-from data_prep.meta import PACKED, TOKENIZED, dataset_paths, meta_path, read_meta, write_meta
+from data_prep.meta import BOUNDARIES, PACKED, TOKENIZED, dataset_paths, meta_path, read_meta, write_meta
 from data_prep.progress import Progress
 
 SPLITS = ("train", "valid", "test")
@@ -245,6 +245,7 @@ def _pack_split(
     st.tokens_out = st.sequences * full
     data.finalize(tmp[prefix + ".idx"])
     bounds.finalize(tmp[boundaries_prefix(prefix) + ".idx"])
+    write_meta(tmp[meta_path(boundaries_prefix(prefix))], {"format": BOUNDARIES, "of": prefix})
     return st
 
 

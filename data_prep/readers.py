@@ -59,7 +59,7 @@ def _walk(directory: str, pattern: str | None) -> list[str]:
             if name.startswith(".") or (pattern and not fnmatch(name, pattern)):
                 continue
             found.append(os.path.join(root, name))
-    return found
+    return sorted(found)  # the same order as a sorted glob of the same files
 
 
 def expand_inputs(inputs: Sequence[str], pattern: str | None = None) -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -71,8 +72,14 @@ def _ordered_pool_map(
     func: Callable, items: Iterable, workers: int, initargs: tuple, max_in_flight: int
 ) -> Iterator:
     """``pool.imap`` with a bound on queued work (imap itself would read the whole input ahead)."""
-    ctx = multiprocessing.get_context("spawn")  # no fork of a parent that may hold torch threads
-    with ctx.Pool(workers, initializer=init_worker, initargs=initargs) as pool:
+    # fork starts workers in milliseconds with the tokenizer already built (workers never touch torch);
+    # elsewhere spawn, which builds it again in each worker.
+    if sys.platform.startswith("linux"):
+        init_worker(*initargs)
+        pool = multiprocessing.get_context("fork").Pool(workers)
+    else:
+        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker, initargs=initargs)
+    with pool:
         pending: deque = deque()
         for item in items:
             pending.append(pool.apply_async(func, (item,)))

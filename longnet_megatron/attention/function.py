@@ -2,12 +2,20 @@
 
 Forward (DESIGN.md section 1): every task (one pattern, one head offset, one block of equal-length
 segments) is a dense attention call returning (O_i, L_i); results are merged online,
-L = logaddexp(L, L_i), O = O * exp(L_old - L) + O_i * exp(L_i - L), into one accumulator, so no
-per-pattern full-size buffer exists.
+L = logaddexp(L, L_i), O = O + (O_i - O) * exp(L_i - L), into one accumulator, so no per-pattern
+full-size buffer exists. When the first pattern covers every (position, head) (r = 1), its results are
+written straight into the accumulator instead of merged.
 
 Backward (DESIGN.md section 2): each task's kernel backward runs on the gathered q, k, v with the
 MERGED O and L, and its dq, dk, dv are scatter-added. With P_i = exp(S_i - L) these are exactly the
 gradients of the merged attention; nothing is differentiated through the merge weights.
+
+Memory (1M tokens must fit one 80 GB GPU): selections are views wherever the layout allows (r = 1, and
+w a multiple of r), gathered copies are dropped as soon as the kernel has read them, calls are cut so
+that one call's query holds at most ``MAX_CALL_ELEMENTS`` elements (bounding kernel outputs and
+workspace), the forward keeps one float32 output accumulator, and half-precision gradients are
+accumulated in their own dtype (each add computed in float32 and rounded once) rather than in three
+float32 buffers the size of q, k and v.
 """
 
 from __future__ import annotations
@@ -17,11 +25,38 @@ from collections.abc import Sequence
 import torch
 
 from .backends.base import AttentionBackend
-from .indexing import AttentionTask, Selection
+from .indexing import AttentionTask, Selection, split_task
+
+# Largest query (elements) of one kernel call: 2^27 is 256 MiB in bf16, 2^15 segments x heads of 2048 x 128.
+MAX_CALL_ELEMENTS = 1 << 27
 
 
 def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Gradient accumulators: float32/64 stay, half precision accumulates in its own dtype."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else _accumulator_dtype(dtype)
+
+
+def _split(tasks: Sequence[AttentionTask], q: torch.Tensor, max_elements: int) -> list[AttentionTask]:
+    b, _, h, d = q.shape
+    return [part for task in tasks for part in split_task(task, b, h, d, max_elements)]
+
+
+def _first_pattern_covers_all(tasks: Sequence[AttentionTask], q: torch.Tensor) -> bool:
+    """True if the first pattern's tasks (disjoint by construction) cover every (position, head)."""
+    if not tasks:
+        return False
+    b, n, h = q.shape[:3]
+    first = tasks[0].pattern
+    covered = sum(
+        t.query.rows.num_segments * t.query.rows.length * t.query.num_heads(h)
+        for t in tasks
+        if t.pattern == first
+    )
+    return covered == n * h
 
 
 def dilated_forward(
@@ -33,13 +68,25 @@ def dilated_forward(
     *,
     causal: bool,
     scale: float,
+    max_call_elements: int = MAX_CALL_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merged output ``[B, N, Hq, D]`` (q's dtype) and log-sum-exp ``[B, N, Hq]`` (float32/64)."""
-    out, lse = new_accumulators(q)
-    for task in tasks:
+    direct = _first_pattern_covers_all(tasks, q)
+    if direct:
+        acc = _accumulator_dtype(q.dtype)
+        out = torch.empty(q.shape, dtype=acc, device=q.device)
+        lse = torch.empty(q.shape[:3], dtype=acc, device=q.device)
+    else:
+        out, lse = new_accumulators(q)
+    first = tasks[0].pattern if tasks else None
+    for task in _split(tasks, q, max_call_elements):
         sel, kv = task.query, task.key_value
         o_i, l_i = backend.forward(sel.gather(q), kv.gather(k), kv.gather(v), causal=causal, scale=scale)
-        merge_partial(out, lse, sel, o_i, l_i)
+        if direct and task.pattern == first:
+            sel.put(out, o_i)
+            sel.put(lse, l_i.transpose(1, 2))
+        else:
+            merge_partial(out, lse, sel, o_i, l_i)
         del o_i, l_i
     return out.to(q.dtype), lse
 
@@ -57,15 +104,20 @@ def merge_partial(
 ) -> None:
     """Fold one call's (O_i, L_i) (``[b, l, h, d]``, ``[b, h, l]``) into the selected part of (out, lse).
 
-    L = logaddexp(L, L_i); O = O * exp(L_old - L) + O_i * exp(L_i - L): the exact softmax-denominator
-    weighting of DESIGN.md section 1, applied online so no per-pattern buffer is kept.
+    L = logaddexp(L, L_i); O = O + (O_i - O) * exp(L_i - L), which equals
+    O * exp(L_old - L) + O_i * exp(L_i - L): the exact softmax-denominator weighting of DESIGN.md
+    section 1, applied online (in place where the selection is a view) so no per-pattern buffer is kept.
     """
     l_i = l_i.transpose(1, 2).to(lse.dtype)
     l_old = sel.gather(lse)
     l_new = torch.logaddexp(l_old, l_i)
-    merged = sel.gather(out) * torch.exp(l_old - l_new)[..., None]
-    merged += o_i.to(out.dtype) * torch.exp(l_i - l_new)[..., None]
-    sel.put(out, merged)
+    weight = torch.exp(l_i - l_new)
+    weight = torch.where(torch.isneginf(l_new), 0.0, weight)  # neither side saw a key: keep O
+    view = sel.view(out)
+    target = view if view is not None else sel.gather(out)
+    target.lerp_(o_i.to(out.dtype), weight[..., None])
+    if view is None:
+        sel.put(out, target)
     sel.put(lse, l_new)
 
 
@@ -81,16 +133,17 @@ def dilated_backward(
     *,
     causal: bool,
     scale: float,
+    max_call_elements: int = MAX_CALL_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact (dq, dk, dv) of the merged attention, given its output and log-sum-exp."""
-    acc = _accumulator_dtype(q.dtype)
+    acc = _grad_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=k.device)
     dv = torch.zeros(v.shape, dtype=acc, device=v.device)
     dout = dout.to(q.dtype)
-    for task in tasks:
+    for task in _split(tasks, q, max_call_elements):
         sel, kv = task.query, task.key_value
-        dq_i, dk_i, dv_i = backend.backward(
+        grads = backend.backward(
             sel.gather(dout),
             sel.gather(q),
             kv.gather(k),
@@ -100,10 +153,10 @@ def dilated_backward(
             causal=causal,
             scale=scale,
         )
-        sel.add(dq, dq_i.to(acc))
-        kv.add(dk, dk_i.to(acc))
-        kv.add(dv, dv_i.to(acc))
-        del dq_i, dk_i, dv_i
+        sel.add(dq, grads[0])
+        kv.add(dk, grads[1])
+        kv.add(dv, grads[2])
+        del grads
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

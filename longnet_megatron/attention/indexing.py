@@ -34,6 +34,15 @@ class RowBlock:
         """True when the rows are one arithmetic progression, so a slice (a view) reaches them."""
         return self.num_segments == 1 or self.segment_stride == self.length * self.step
 
+    def split(self, max_segments: int) -> list[RowBlock]:
+        """This block as consecutive blocks of at most ``max_segments`` segments each."""
+        step = max(1, max_segments)
+        return [
+            RowBlock(self.start + s * self.segment_stride, min(step, self.num_segments - s), self.length,
+                     self.segment_stride, self.step)
+            for s in range(0, self.num_segments, step)
+        ]  # fmt: skip
+
     def row_index(self, device: torch.device | str | None = None) -> torch.Tensor:
         """The rows as a ``[num_segments, length]`` int64 tensor."""
         seg = torch.arange(self.num_segments, device=device) * self.segment_stride
@@ -52,6 +61,20 @@ class Selection:
 
     rows: RowBlock
     heads: slice | tuple[int, ...]
+
+    def num_heads(self, total: int) -> int:
+        """How many heads the selection holds in a tensor of ``total`` heads."""
+        return len(range(total)[self.heads]) if isinstance(self.heads, slice) else len(self.heads)
+
+    def view(self, x: torch.Tensor) -> torch.Tensor | None:
+        """:meth:`gather`'s result as a view of ``x`` (writes go through), or None if it needs a copy."""
+        view = self._view(x)
+        if view is None:
+            return None
+        try:  # B and segments merge into one dimension only when their strides line up
+            return view.view(-1, *view.shape[2:])
+        except RuntimeError:
+            return None
 
     def _view(self, x: torch.Tensor) -> torch.Tensor | None:
         """``[B, S, L, Hs, ...]`` view of ``x``, or None when the selection is not a strided view."""
@@ -104,6 +127,25 @@ class AttentionTask:
     pattern: int
     query: Selection
     key_value: Selection
+
+
+def split_task(
+    task: AttentionTask, batch: int, num_heads: int, head_dim: int, max_elements: int
+) -> list[AttentionTask]:
+    """``task`` cut along its segments so each call's query holds at most ``max_elements`` elements.
+
+    A block of S segments becomes blocks of fewer segments (views stay views); one segment is never
+    cut. Bounds the transient memory of a kernel call (its outputs and workspace) at long lengths.
+    """
+    rows = task.query.rows
+    per_segment = batch * rows.length * task.query.num_heads(num_heads) * head_dim
+    max_segments = max(1, max_elements // max(1, per_segment))
+    if rows.num_segments <= max_segments or task.key_value.rows != rows:
+        return [task]
+    return [
+        AttentionTask(task.pattern, Selection(part, task.query.heads), Selection(part, task.key_value.heads))
+        for part in rows.split(max_segments)
+    ]
 
 
 def segment_row_blocks(

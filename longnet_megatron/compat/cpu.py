@@ -12,8 +12,10 @@ Megatron code:
 * a process-wide :class:`torch.overrides.TorchFunctionMode` rewrites any non-CPU ``device`` argument
   (``"cuda"``, ``cuda:N``, a bare integer index) of tensor factories and of ``Tensor.to`` to ``"cpu"``,
   turns ``Tensor.cuda()`` into ``Tensor.cpu()`` and drops ``pin_memory`` (which needs CUDA);
-* ``torch.cuda.current_device`` returns 0 (an index the mode then maps to the CPU), and
-  ``torch.cuda.synchronize`` / ``torch.cuda.set_device`` become no-ops;
+* Megatron's batched pipeline p2p (``batch_p2p_comm=True``, the default) goes through its unbatched
+  path, whose message order gloo matches correctly (see :func:`_unbatched_p2p_ops`);
+* ``torch.cuda.current_device`` returns ``torch.device("cpu")``, and ``torch.cuda.synchronize`` /
+  ``torch.cuda.set_device`` become no-ops;
 * Megatron's RNG tracker class is replaced by :class:`CpuRNGStatesTracker`, which keeps named CPU
   generator states and forks the CPU default generator the way the CUDA tracker forks the CUDA one
   (on CPU, dropout and initialisation draw from the CPU generator, so that is the generator to fork);
@@ -21,8 +23,14 @@ Megatron code:
 
 It is a no-op when CUDA is available (unless ``force=True``): on a GPU nothing is patched. It is
 idempotent, so every entry point (tests, the CPU training default, conversion tools) can just call it
-first. The mode is pushed on the calling thread's torch-function stack; PyTorch runs CPU autograd in
-the calling thread, so backward passes see it too.
+first.
+
+Limits of the mode: it is pushed on the calling thread's torch-function stack, and PyTorch pops a mode
+while it handles a call. ``loss.backward()`` / ``torch.autograd.backward`` are such calls, so code that
+runs inside backward (autograd Functions, hooks) does not see the mode. Megatron's backward code names
+the device through ``torch.cuda.current_device()``, which is why that returns a CPU device object
+rather than an index: it then needs no mode at all. A literal ``"cuda"`` inside a backward pass would
+still fail; none exists in the paths the tests cover (TP, PP, VPP schedules).
 """
 
 from __future__ import annotations
@@ -132,14 +140,32 @@ class CpuRNGStatesTracker:
             torch.set_rng_state(outer)
 
 
+def _unbatched_p2p_ops(**kwargs: Any) -> list:
+    """Megatron's ``batch_p2p_comm`` path, made safe for gloo.
+
+    Megatron's batched path issues send-prev, recv-prev, send-next, recv-next in one group. With two
+    pipeline ranks, prev and next are the same peer, and gloo matches messages per (group, peer) in
+    issue order, so an activation and a gradient of the same shape are silently swapped (interleaved
+    schedules hit this). Megatron's unbatched path orders the operations by rank parity and splits the
+    two directions over two groups; it is used instead, returning the request list the batched
+    path's caller waits on.
+    """
+    from megatron.core.pipeline_parallel import p2p_communication as mcore_p2p
+
+    return list(mcore_p2p._p2p_ops(**kwargs).values())
+
+
 def _patch_process_globals() -> None:
     """Patch torch.cuda's device queries and Megatron's RNG tracker class (once per process)."""
     global _PATCHED
     if _PATCHED:
         return
+    from megatron.core.pipeline_parallel import p2p_communication as mcore_p2p
     from megatron.core.tensor_parallel import random as mcore_random
 
-    torch.cuda.current_device = lambda: 0
+    # A device object, not an index: `device=torch.cuda.current_device()` must mean the CPU even where
+    # the mode is not on the stack (see the module docstring).
+    torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda device=None: None
     torch.cuda.set_device = lambda device: None
     # Megatron builds its tracker from this module-level name; the TE tracker is never chosen
@@ -152,6 +178,7 @@ def _patch_process_globals() -> None:
     mcore_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(
         new_state
     )
+    mcore_p2p._batched_p2p_ops = _unbatched_p2p_ops
     mcore_random._CUDA_RNG_STATE_TRACKER = None
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
     _PATCHED = True

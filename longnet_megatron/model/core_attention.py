@@ -112,7 +112,9 @@ class DilatedCoreAttention(MegatronModule):
         if packed_seq_params is not None:
             raise NotImplementedError("packed sequences (THD) are not supported by dilated attention")
         if attn_mask_type is not None and attn_mask_type != self.attn_mask_type:
-            raise ValueError(f"attn_mask_type={attn_mask_type} differs from the layer's {self.attn_mask_type}")
+            raise ValueError(
+                f"attn_mask_type={attn_mask_type} differs from the layer's {self.attn_mask_type}"
+            )
         seq_local = query.shape[0]
         cp_group, position_offset = None, 0
         if self.cp_group is not None and self.cp_group.size() > 1:

@@ -51,5 +51,7 @@ def get_longnet_layer_spec(
             raise ImportError("use_te=True but Transformer Engine is not importable")
         base = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     else:
-        base = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=normalization)
+        base = gpt_layer_specs.get_gpt_layer_local_spec(
+            qk_layernorm=qk_layernorm, normalization=normalization
+        )
     return with_dilated_core_attention(base)

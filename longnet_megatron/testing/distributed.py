@@ -78,6 +78,26 @@ def _from_bytes(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), weights_only=False)
 
 
+def initialize_megatron_parallel(layout: ParallelLayout, seed: int = 1234) -> None:
+    """(Re)initialise Megatron's parallel state with ``layout`` and seed its model-parallel RNG.
+
+    Called by every rank before the test function; a test function may call it again to switch layout
+    inside the same processes (e.g. from plain to virtual pipeline stages) without a new spawn.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        context_parallel_size=layout.cp,
+    )
+    model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+
+
 def _worker(
     rank: int,
     world_size: int,
@@ -110,15 +130,8 @@ def _worker(
         torch.manual_seed(seed)
         if layout is not None:
             from megatron.core import parallel_state
-            from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-            parallel_state.initialize_model_parallel(
-                tensor_model_parallel_size=layout.tp,
-                pipeline_model_parallel_size=layout.pp,
-                virtual_pipeline_model_parallel_size=layout.vpp,
-                context_parallel_size=layout.cp,
-            )
-            model_parallel_cuda_manual_seed(seed)
+            initialize_megatron_parallel(layout, seed)
         payload = (rank, True, _to_bytes(fn(*args, **kwargs)))
     except BaseException:  # noqa: BLE001 - everything goes back to the parent with its traceback
         payload = (rank, False, traceback.format_exc())
@@ -174,7 +187,9 @@ def run_distributed(
             except queue.Empty:
                 if time.monotonic() > deadline:
                     missing = sorted(set(range(world_size)) - set(collected))
-                    raise DistributedWorkerError(f"ranks {missing} did not finish within {timeout_s} s") from None
+                    raise DistributedWorkerError(
+                        f"ranks {missing} did not finish within {timeout_s} s"
+                    ) from None
                 dead = [r for r, p in enumerate(procs) if r not in collected and p.exitcode not in (None, 0)]
                 if dead:
                     time.sleep(0.5)  # a rank that reported just before dying is still in the queue

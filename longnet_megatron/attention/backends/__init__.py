@@ -1,12 +1,16 @@
 """Attention kernels behind one interface, and the automatic choice among them.
 
 ``get_backend("auto", q)`` tries the fused kernels in order of speed and takes the first that imports
-and accepts ``q``; a name picks one explicitly and fails with the reason if it cannot run.
+and accepts ``q``: ``te`` (Transformer Engine's cuDNN attention), then ``sdpa`` (PyTorch's cuDNN, flash
+or memory-efficient kernel, in that order), then ``reference``. A name picks one explicitly and fails
+with the reason if it cannot run; ``sdpa-cudnn``, ``sdpa-flash`` and ``sdpa-efficient`` pin one of
+PyTorch's kernels. The environment variable ``LONGNET_ATTENTION_BACKEND`` overrides ``"auto"``.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable
 
 import torch
@@ -15,9 +19,20 @@ from .base import AttentionBackend, UnsupportedInputError
 from .reference import ReferenceBackend
 
 # name -> "module:Class" (imported lazily: fused kernels need CUDA libraries that may be absent).
-_REGISTRY: dict[str, str | Callable[[], AttentionBackend]] = {"reference": ReferenceBackend}
-_AUTO_ORDER: list[str] = ["reference"]
+_REGISTRY: dict[str, str | Callable[[], AttentionBackend]] = {
+    "te": ".te:TEBackend",
+    "sdpa": ".sdpa:SdpaBackend",
+    "sdpa-cudnn": ".sdpa:SdpaCudnnBackend",
+    "sdpa-flash": ".sdpa:SdpaFlashBackend",
+    "sdpa-efficient": ".sdpa:SdpaEfficientBackend",
+    "reference": ReferenceBackend,
+}
+_AUTO_ORDER: list[str] = ["te", "sdpa", "reference"]
+OVERRIDE_ENV = "LONGNET_ATTENTION_BACKEND"
 _CACHE: dict[str, AttentionBackend] = {}
+# Backends whose import or construction failed, with the error (re-raised without retrying).
+_FAILED: dict[str, Exception] = {}
+_LOAD_ERRORS = (ImportError, OSError, RuntimeError)
 
 
 def register_backend(
@@ -26,6 +41,7 @@ def register_backend(
     """Add a backend; ``auto_rank`` places it in the automatic order (0 = tried first)."""
     _REGISTRY[name] = factory
     _CACHE.pop(name, None)
+    _FAILED.pop(name, None)
     if auto_rank is not None:
         if name in _AUTO_ORDER:
             _AUTO_ORDER.remove(name)
@@ -42,12 +58,18 @@ def _load(name: str) -> AttentionBackend:
         raise ValueError(
             f"unknown attention backend {name!r}; choose 'auto' or one of {available_backends()}"
         )
+    if name in _FAILED:
+        raise _FAILED[name]
     if name not in _CACHE:
         factory = _REGISTRY[name]
-        if isinstance(factory, str):
-            module, _, attr = factory.partition(":")
-            factory = getattr(importlib.import_module(module, __package__), attr)
-        _CACHE[name] = factory()
+        try:
+            if isinstance(factory, str):
+                module, _, attr = factory.partition(":")
+                factory = getattr(importlib.import_module(module, __package__), attr)
+            _CACHE[name] = factory()
+        except _LOAD_ERRORS as err:
+            _FAILED[name] = err
+            raise
     return _CACHE[name]
 
 
@@ -57,6 +79,8 @@ def get_backend(name: str | AttentionBackend = "auto", q: torch.Tensor | None = 
         if q is not None:
             name.check(q)
         return name
+    if name == "auto":
+        name = os.environ.get(OVERRIDE_ENV, "auto") or "auto"
     if name != "auto":
         backend = _load(name)
         if q is not None:
@@ -69,7 +93,7 @@ def get_backend(name: str | AttentionBackend = "auto", q: torch.Tensor | None = 
             if q is not None:
                 backend.check(q)
             return backend
-        except (ImportError, UnsupportedInputError, RuntimeError) as err:
+        except (*_LOAD_ERRORS, UnsupportedInputError) as err:
             reasons.append(f"{candidate}: {err}")
     raise UnsupportedInputError("no attention backend accepts these inputs: " + "; ".join(reasons))
 

@@ -1,0 +1,79 @@
+"""Re-save a checkpoint for another TP / PP / VPP layout (continued training on another cluster shape).
+
+Dist checkpoints are layout-independent: a trainer with any layout can load any LongNet checkpoint
+directly. Resharding still has uses: a checkpoint whose files match the new cluster's ranks, a
+weights-only copy for another team, or a check that the new layout builds and loads before a job is
+queued. Each rank of the target layout builds its model chunks, loads its shards of the source
+(:func:`~longnet_megatron.export.checkpoint_io.load_weights`) and saves them
+(:func:`~longnet_megatron.export.checkpoint_io.save_checkpoint`).
+
+Weights only: optimizer, scheduler and RNG state are not carried, so training resumed from the result
+starts a fresh optimizer (warm up the learning rate again). To keep the optimizer, skip resharding
+and load the ORIGINAL checkpoint with the new layout: Megatron's distributed optimizer saves its
+state as ``fully_sharded_model_space`` by default, which is itself layout-independent.
+
+Launch: under ``torchrun`` (one process per rank, Megatron's parallel state initialised here), or,
+on a machine without GPUs, :func:`reshard_cpu` spawns gloo ranks itself.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from longnet_megatron.export.checkpoint_io import (
+    build_models,
+    load_weights,
+    open_checkpoint,
+    padded_vocab_size,
+    read_common,
+    save_checkpoint,
+)
+
+
+def reshard_here(source: str | os.PathLike, run_dir: str | os.PathLike, iteration: int | None = None) -> Path:
+    """Collective, on every rank of the (already initialised) target layout: load ``source``, save
+    it into ``run_dir`` with the current layout. ``iteration`` defaults to the source's."""
+    ckpt, record = open_checkpoint(source)
+    if iteration is None:
+        iteration = int(read_common(ckpt).get("iteration", 0))
+    models = build_models(record, padded_vocab_size(ckpt))
+    load_weights(models, ckpt)
+    return save_checkpoint(models, run_dir, record, iteration)
+
+
+def _reshard_rank(source: str, run_dir: str, iteration: int | None) -> str:
+    return str(reshard_here(source, run_dir, iteration))
+
+
+def reshard_cpu(
+    source: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    vpp: int | None = None,
+    iteration: int | None = None,
+    timeout_s: float = 1800.0,
+) -> Path:
+    """Reshard with ``tp * pp`` gloo processes on this machine (the CPU path of ``longnet-convert reshard``).
+
+    The source is checked in this process first, so a bad checkpoint fails before anything spawns.
+    """
+    from longnet_megatron.testing import DistributedWorkerError, ParallelLayout, run_distributed
+
+    open_checkpoint(source)
+    layout = ParallelLayout(tp=tp, pp=pp, vpp=vpp)
+    try:
+        results = run_distributed(
+            _reshard_rank,
+            layout.model_parallel_size(),
+            layout=layout,
+            args=(str(source), str(run_dir), iteration),
+            timeout_s=timeout_s,
+        )
+    except DistributedWorkerError as e:
+        from longnet_megatron.export.errors import ConversionError
+
+        raise ConversionError(f"resharding {source} to tp={tp} pp={pp} failed: {e}", "mismatched") from e
+    return Path(results[0])

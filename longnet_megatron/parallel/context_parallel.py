@@ -1,0 +1,287 @@
+"""LongNet's distributed dilated attention over a context-parallel group (DESIGN.md section 4).
+
+Each CP rank holds a contiguous chunk of the sequence. Forward, per layer:
+
+1. post the messages: to every member of a crossing segment that reads them, this rank's selected k
+   and v rows of that segment (all head offsets, distinct kv heads; :mod:`.plan`);
+2. meanwhile run the single-rank path on the local chunk (``dilated_forward`` over ``plan_tasks``):
+   every local query against every local key, all patterns, merged by log-sum-exp;
+3. wait, then for each crossing segment and head offset, one non-causal call of the local queries
+   against the keys received (all earlier in the sequence when causal), folded in with
+   ``merge_partial``.
+
+Backward mirrors it with the merged output and log-sum-exp (DESIGN.md section 2): the remote calls'
+backward runs first, their dk, dv are sent back to the ranks that own those keys while the local
+``dilated_backward`` runs, and the owners add what they receive. Received keys are kept from the
+forward pass (O(w/r) per pattern, not O(N)), so backward re-sends nothing but gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+import torch.distributed as dist
+
+from longnet_megatron.attention.backends import AttentionBackend, get_backend
+from longnet_megatron.attention.config import DilatedAttentionConfig
+from longnet_megatron.attention.function import dilated_backward, dilated_forward, merge_partial
+
+from .exchange import PendingExchange, ensure_communicator, start_exchange
+from .plan import ContextParallelPlan, CrossingSegment, OffsetExchange, plan_context_parallel
+
+
+@dataclass
+class CommStats:
+    """Bytes this rank sent in one context-parallel attention call, by pattern index.
+
+    ``forward_bytes[i]``: k and v rows of pattern i sent in the forward pass; ``backward_bytes[i]``:
+    dk and dv sent back in the backward pass (filled when it runs). Patterns without crossing
+    segments send nothing and do not appear.
+    """
+
+    forward_bytes: dict[int, int] = field(default_factory=dict)
+    backward_bytes: dict[int, int] = field(default_factory=dict)
+
+
+_LAST_STATS: CommStats | None = None
+
+
+def last_comm_stats() -> CommStats | None:
+    """Byte counts of this process's most recent call (its backward included once that has run)."""
+    return _LAST_STATS
+
+
+@lru_cache(maxsize=128)
+def _cached_plan(
+    config: DilatedAttentionConfig,
+    n: int,
+    hq: int,
+    hkv: int,
+    head_offset: int,
+    position_offset: int,
+    cp_rank: int,
+    cp_size: int,
+) -> ContextParallelPlan:
+    return plan_context_parallel(
+        config,
+        n,
+        hq,
+        hkv,
+        head_offset=head_offset,
+        position_offset=position_offset,
+        cp_rank=cp_rank,
+        cp_size=cp_size,
+    )
+
+
+def _own_message(seg: CrossingSegment, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """This rank's selected k and v rows of ``seg``, flat, in the layout of :meth:`CrossingSegment.unpack`."""
+    parts = []
+    for off in seg.offsets:
+        if off.key_value is not None:
+            parts += [off.key_value.gather(k).reshape(-1), off.key_value.gather(v).reshape(-1)]
+    return torch.cat(parts) if parts else k.new_empty((0,))
+
+
+def _remote_keys(
+    seg: CrossingSegment, received: dict[int, torch.Tensor], batch: int, head_dim: int
+) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Per offset, the keys and values of all source members, heads expanded to the query heads."""
+    per_source = [seg.unpack(received[m], m, batch, head_dim) for m in seg.sources]
+    result: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+    for index, off in enumerate(seg.offsets):
+        pieces = [views[index] for views in per_source]
+        if off.query is None or not sum(k.shape[1] for k, _ in pieces):
+            result.append(None)
+            continue
+        k, v = (torch.cat([p[j] for p in pieces], dim=1) for j in (0, 1))
+        if off.expand is not None:
+            index_t = torch.tensor(off.expand, device=k.device)
+            k, v = k.index_select(2, index_t), v.index_select(2, index_t)
+        result.append((k, v))
+    return result
+
+
+def _fold_heads(grad: torch.Tensor, off: OffsetExchange) -> torch.Tensor:
+    """Sum a key gradient over query heads that share a kv head (inverse of the expansion)."""
+    if off.expand is None:
+        return grad
+    out = grad.new_zeros((*grad.shape[:2], off.kv_heads, grad.shape[3]))
+    return out.index_add_(2, torch.tensor(off.expand, device=grad.device), grad)
+
+
+def _tag(seg: CrossingSegment) -> int:
+    """Message tag: a pair of ranks shares at most one segment per pattern, so the pattern tells them apart."""
+    return seg.pattern
+
+
+def _count(table: dict[int, int], seg: CrossingSegment, tensor: torch.Tensor, copies: int = 1) -> None:
+    if tensor.numel() and copies:
+        table[seg.pattern] = table.get(seg.pattern, 0) + copies * tensor.nbytes
+
+
+def _received_by_segment(
+    plan: ContextParallelPlan, buffers: list[torch.Tensor]
+) -> list[dict[int, torch.Tensor]]:
+    """Split the flat list of received messages back into ``{source member: message}`` per segment."""
+    result, cursor = [], 0
+    for seg in plan.crossing:
+        result.append(dict(zip(seg.sources, buffers[cursor : cursor + len(seg.sources)])))
+        cursor += len(seg.sources)
+    return result
+
+
+def _send_keys(
+    plan: ContextParallelPlan, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup, stats: CommStats
+) -> PendingExchange:
+    """Post this rank's selected keys to their readers and the receives of its sources' keys."""
+    batch, head_dim = k.shape[0], k.shape[3]
+    sends, receives = [], []
+    for seg in plan.crossing:
+        own = _own_message(seg, k, v)
+        sends += [(m, own, _tag(seg)) for m in seg.targets]
+        _count(stats.forward_bytes, seg, own, len(seg.targets))
+        receives += [
+            (m, k.new_empty((seg.message_numel(m, batch, head_dim),)), _tag(seg)) for m in seg.sources
+        ]
+    return start_exchange(sends, receives, group)
+
+
+def _remote_backward(
+    plan: ContextParallelPlan,
+    received: list[dict[int, torch.Tensor]],
+    tensors: tuple[torch.Tensor, ...],
+    backend: AttentionBackend,
+    scale: float,
+    stats: CommStats,
+) -> tuple[list, list[tuple[int, torch.Tensor, int]]]:
+    """Backward of the remote calls: (selection, dq) pairs and the dk, dv messages to the key owners."""
+    dout, q, out, lse = tensors
+    batch, head_dim = q.shape[0], q.shape[3]
+    dq_parts, returns = [], []
+    for seg, messages in zip(plan.crossing, received):
+        grads = {m: torch.zeros_like(messages[m]) for m in seg.sources}
+        views = {m: seg.unpack(grads[m], m, batch, head_dim) for m in seg.sources}
+        for index, (off, kv) in enumerate(zip(seg.offsets, _remote_keys(seg, messages, batch, head_dim))):
+            if kv is None:
+                continue
+            sel = off.query
+            dq_r, dk_r, dv_r = backend.backward(
+                sel.gather(dout),
+                sel.gather(q),
+                *kv,
+                sel.gather(out),
+                sel.gather(lse).transpose(1, 2),
+                causal=False,
+                scale=scale,
+            )
+            dq_parts.append((sel, dq_r))
+            dk_r, dv_r = _fold_heads(dk_r, off), _fold_heads(dv_r, off)
+            start = 0
+            for m in seg.sources:  # the keys were concatenated in source order
+                dk_m, dv_m = views[m][index]
+                dk_m.copy_(dk_r[:, start : start + dk_m.shape[1]])
+                dv_m.copy_(dv_r[:, start : start + dv_m.shape[1]])
+                start += dk_m.shape[1]
+        returns += [(m, grads[m], _tag(seg)) for m in seg.sources]
+        for m in seg.sources:
+            _count(stats.backward_bytes, seg, grads[m])
+    return dq_parts, returns
+
+
+class ContextParallelDilatedAttention(torch.autograd.Function):
+    """One autograd node for the whole distributed layer; saves q, k, v, O, L and the received keys."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan, backend, group, causal, scale):  # noqa: D102
+        global _LAST_STATS
+        batch, head_dim = q.shape[0], q.shape[3]
+        ensure_communicator(group, q.device)
+        stats = CommStats()
+        pending = _send_keys(plan, k, v, group, stats)
+
+        # Local patterns and local parts of crossing segments compute while the keys travel.
+        out, lse = dilated_forward(q, k, v, plan.tasks, backend, causal=causal, scale=scale)
+
+        buffers = pending.wait()
+        for seg, messages in zip(plan.crossing, _received_by_segment(plan, buffers)):
+            for off, kv in zip(seg.offsets, _remote_keys(seg, messages, batch, head_dim)):
+                if kv is not None:
+                    o_r, l_r = backend.forward(off.query.gather(q), *kv, causal=False, scale=scale)
+                    merge_partial(out, lse, off.query, o_r, l_r)
+        ctx.save_for_backward(q, k, v, out, lse, *buffers)
+        ctx.plan, ctx.backend, ctx.group, ctx.stats = plan, backend, group, stats
+        ctx.causal, ctx.scale = causal, scale
+        ctx.mark_non_differentiable(lse)
+        _LAST_STATS = stats
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):  # noqa: D102
+        q, k, v, out, lse, *buffers = ctx.saved_tensors
+        plan, backend, scale = ctx.plan, ctx.backend, ctx.scale
+        batch, head_dim = q.shape[0], q.shape[3]
+        dout = dout.to(q.dtype)
+
+        # Remote calls first, so their key gradients travel while the local backward computes.
+        received = _received_by_segment(plan, buffers)
+        dq_parts, returns = _remote_backward(plan, received, (dout, q, out, lse), backend, scale, ctx.stats)
+        receives = [
+            (m, k.new_empty((seg.message_numel(plan.rank, batch, head_dim),)), _tag(seg))
+            for seg in plan.crossing
+            for m in seg.targets
+        ]
+        pending = start_exchange(returns, receives, ctx.group)
+
+        dq, dk, dv = dilated_backward(
+            dout, q, k, v, out, lse, plan.tasks, backend, causal=ctx.causal, scale=scale
+        )
+        for sel, dq_r in dq_parts:
+            sel.add(dq, dq_r)
+
+        grads = iter(pending.wait())
+        for seg in plan.crossing:
+            for _ in seg.targets:
+                views = seg.unpack(next(grads), plan.rank, batch, head_dim)
+                for off, (dk_m, dv_m) in zip(seg.offsets, views):
+                    if off.key_value is not None:
+                        off.key_value.add(dk, dk_m)
+                        off.key_value.add(dv, dv_m)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def context_parallel_dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    config: DilatedAttentionConfig,
+    *,
+    cp_group: dist.ProcessGroup,
+    head_offset: int = 0,
+    position_offset: int = 0,
+    backend: str | AttentionBackend = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact dilated attention of a sequence split contiguously over ``cp_group``.
+
+    q ``[B, n, Hq, D]``, k and v ``[B, n, Hkv, D]`` are this rank's chunk: global positions
+    ``[position_offset, position_offset + n)`` with ``position_offset = cp_rank * n`` (plus a base
+    common to the group); every rank holds the same n. ``head_offset`` is the global index of local
+    head 0 (tensor parallelism). Returns this chunk's output ``[B, n, Hq, D]`` and float32 log-sum-exp
+    ``[B, n, Hq]``, equal to the single-rank result on the whole sequence; differentiable in q, k, v.
+    Called by :func:`longnet_megatron.attention.dilated_attention` when ``cp_group`` has several ranks.
+    """
+    impl = get_backend(backend, q)
+    plan = _cached_plan(
+        config,
+        q.shape[1],
+        q.shape[2],
+        k.shape[2],
+        head_offset,
+        position_offset,
+        dist.get_rank(cp_group),
+        dist.get_world_size(cp_group),
+    )
+    scale = config.scale_for(q.shape[-1])
+    return ContextParallelDilatedAttention.apply(q, k, v, plan, impl, cp_group, config.causal, scale)

@@ -1,0 +1,63 @@
+"""The ``longnet-train`` command line (also ``python -m longnet_megatron.train``)."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import click
+
+from longnet_megatron.train.config import ConfigError, load_config
+from longnet_megatron.train.signals import REQUEUE_EXIT_CODE
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--check", is_flag=True, help="Validate the configuration (for the launcher's world size) and exit.")
+@click.option("--print-config", is_flag=True, help="Print the resolved configuration as YAML and exit.")
+def main(config, overrides, check, print_config) -> None:
+    """Pretrain a LongNet model: CONFIG (a YAML file) with section.field=value OVERRIDES.
+
+    \b
+    One process (CPU or one GPU):
+      longnet-train configs/tiny_cpu.yaml train.steps=100 optim.lr=3e-3
+    One node, 8 GPUs:
+      launch/local.sh 8 configs/gpu_125m_32k.yaml parallel.context_parallel_size=2
+    SLURM:
+      sbatch --nodes=4 launch/pretrain.sh configs/multinode_1b_256k.yaml
+
+    The configuration is checked before any process group starts; an error names the key.
+    Runs resume from CHECKPOINT_DIR/latest. On SIGTERM or SIGUSR1 a checkpoint is saved and the
+    process exits with code 75 (the launch script requeues on it). docs/training.md is the manual.
+    """
+    warnings.filterwarnings("ignore", module="megatron")
+    from longnet_megatron.train.distributed import world_from_env
+
+    world = world_from_env()
+    try:
+        job = load_config(config, overrides)
+        job.validate(world_size=world.world_size)
+    except ConfigError as e:
+        if world.rank == 0:
+            click.echo(f"longnet-train: configuration error: {e}", err=True)
+        sys.exit(2)
+    if print_config:
+        import yaml
+
+        click.echo(yaml.safe_dump(job.to_dict(), sort_keys=False))
+        return
+    if check:
+        click.echo(f"configuration OK for {world.world_size} rank(s)")
+        return
+
+    from longnet_megatron.train.distributed import shutdown_distributed
+    from longnet_megatron.train.trainer import Trainer
+
+    trainer = Trainer(job, world)
+    code = trainer.train()
+    trainer.close()
+    shutdown_distributed()
+    if code == REQUEUE_EXIT_CODE and world.rank == 0:
+        click.echo(f"longnet-train: stopped by signal after a checkpoint; exit {REQUEUE_EXIT_CODE} (requeue)", err=True)
+    sys.exit(code)

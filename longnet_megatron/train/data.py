@@ -1,0 +1,181 @@
+"""Training data: packed ``longnet-prep`` datasets through Megatron's GPTDataset and
+BlendedMegatronDatasetBuilder (weighted blends), or synthetic random tokens for throughput runs; a
+deterministic, resumable sampler; the per-rank context-parallel split.
+
+Sample order. Step ``s`` reads global samples ``[s * gbs, (s + 1) * gbs)``; micro-batch ``m`` of that
+step on data-parallel rank ``r`` reads ``mbs`` consecutive samples starting at
+``s * gbs + m * mbs * dp + r * mbs`` (Megatron-LM's pretraining sampler). A run resumed at step ``s``
+therefore sees exactly the samples the uninterrupted run would have, and every layout with the same
+global batch sees the same samples per step. Tensor, pipeline and context-parallel ranks of one replica
+read the same samples (memory-mapped, so that costs no copy); context-parallel ranks then keep their
+contiguous chunk of the sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from longnet_megatron.train.config import JobConfig
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+class SyntheticDataset(torch.utils.data.Dataset):
+    """SYNTHETIC uniformly random tokens, for throughput measurements where no dataset is shipped.
+
+    Sample ``i`` is a pure function of (seed, i), so synthetic runs resume and compare across layouts
+    like real ones. Nothing can be learnt from it: the loss stays near ln(vocab).
+    """
+
+    def __init__(self, num_samples: int, seq_length: int, vocab_size: int, seed: int) -> None:
+        self.num_samples, self.seq_length, self.vocab_size, self.seed = num_samples, seq_length, vocab_size, seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, idx: int) -> Batch:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(idx))
+        text = torch.randint(0, self.vocab_size, (self.seq_length + 1,), generator=gen)
+        return {
+            "tokens": text[:-1],
+            "labels": text[1:],
+            "loss_mask": torch.ones(self.seq_length, dtype=torch.float),
+            "position_ids": torch.arange(self.seq_length),
+        }
+
+
+class _ModelInputs(torch.utils.data.Dataset):
+    """GPTDataset samples of L+1 positions cut to the model's L (data_prep.megatron_config.model_inputs)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: int) -> Batch:
+        from data_prep.megatron_config import model_inputs
+
+        return model_inputs(self.dataset[idx])
+
+
+def tokenizer_description(job: JobConfig) -> dict[str, Any] | None:
+    """The tokenizer of the (first) dataset, as ``Tokenizer.describe()`` (None for synthetic data)."""
+    if job.data.synthetic:
+        return None
+    from data_prep.megatron_config import read_pack_summary
+
+    return read_pack_summary(job.data.prefixes[0])["tokenizer"]
+
+
+def data_vocab_size(job: JobConfig) -> int | None:
+    """The vocabulary the data needs (tokenizer vocabulary incl. end-of-document); None if synthetic."""
+    description = tokenizer_description(job)
+    if description is None:
+        return None
+    from data_prep.tokenizers import get_tokenizer
+
+    return get_tokenizer(description).vocab_size
+
+
+def _gpt_dataset_config(job: JobConfig):
+    """One GPTDatasetConfig for every prefix: per split, the blend of the prefixes' split datasets."""
+    from data_prep.megatron_config import gpt_dataset_config_for
+    from data_prep.pack import SPLITS, split_prefix
+
+    configs = [
+        gpt_dataset_config_for(
+            prefix,
+            seq_length=job.model.seq_length,
+            random_seed=job.train.seed,
+            path_to_cache=job.data.cache_dir,
+        )
+        for prefix in job.data.prefixes
+    ]
+    tokenizers = {repr(c.tokenizer.unique_identifiers) for c in configs}
+    if len(tokenizers) > 1:
+        raise ValueError(f"data.prefixes were tokenized with different tokenizers: {sorted(tokenizers)}")
+    if len(configs) == 1:
+        return configs[0]
+    weights = job.data.weights or [1.0] * len(configs)
+    blend_per_split = []
+    for i, split in enumerate(SPLITS):
+        present = [(split_prefix(p, split), w) for p, c, w in zip(job.data.prefixes, configs, weights)
+                   if c.blend_per_split[i] is not None and w > 0]
+        blend_per_split.append(([p for p, _ in present], [w for _, w in present]) if present else None)
+    return dataclasses.replace(configs[0], blend_per_split=blend_per_split)
+
+
+def build_datasets(job: JobConfig, seq_length: int, vocab_size: int, num_train_samples: int,
+                   num_valid_samples: int) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset | None]:
+    """(train, valid) datasets of at least the given numbers of samples (valid is None when absent)."""
+    if job.data.synthetic:
+        log.warning("data: SYNTHETIC random tokens (data.synthetic=true): throughput only, nothing to learn")
+        return (
+            SyntheticDataset(num_train_samples, seq_length, vocab_size, job.train.seed),
+            SyntheticDataset(num_valid_samples, seq_length, vocab_size, job.train.seed + 1),
+        )
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+    config = _gpt_dataset_config(job)
+    train, valid, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, [num_train_samples, num_valid_samples, 0], lambda: True, config
+    ).build()
+    return _ModelInputs(train), (_ModelInputs(valid) if valid is not None else None)
+
+
+class ResumableBatchSampler:
+    """Index lists of one data-parallel rank's micro-batches, from ``consumed_samples`` on (see module doc)."""
+
+    def __init__(self, num_samples: int, consumed_samples: int, micro_batch_size: int, dp_rank: int,
+                 dp_size: int) -> None:
+        self.num_samples, self.consumed = num_samples, consumed_samples
+        self.mbs, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.mbs * self.dp_size
+        start = self.consumed
+        while start + step <= self.num_samples:
+            first = start + self.dp_rank * self.mbs
+            yield list(range(first, first + self.mbs))
+            start += step
+
+    def __len__(self) -> int:
+        return max(0, (self.num_samples - self.consumed) // (self.mbs * self.dp_size))
+
+
+def micro_batches(dataset: torch.utils.data.Dataset, consumed_samples: int, micro_batch_size: int,
+                  dp_rank: int, dp_size: int, num_workers: int = 0) -> Iterator[Batch]:
+    """An endless-enough iterator over this rank's micro-batches (collated, on the CPU)."""
+    sampler = ResumableBatchSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+    )
+    return iter(loader)
+
+
+def split_for_context_parallel(batch: Batch, cp_rank: int, cp_size: int) -> Batch:
+    """This context-parallel rank's contiguous chunk of every sequence in ``batch`` (global positions)."""
+    if cp_size == 1:
+        return batch
+    try:  # the context-parallel engineer's splitter, when present
+        from longnet_megatron.parallel import split_batch_for_context_parallel
+    except ImportError:
+        from longnet_megatron.model.rope import contiguous_cp_chunk
+
+        return {k: contiguous_cp_chunk(v, 1, cp_rank, cp_size) for k, v in batch.items()}
+    return split_batch_for_context_parallel(batch, cp_rank, cp_size)
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: batch[k].to(device, non_blocking=True) for k in BATCH_KEYS}

@@ -1,0 +1,101 @@
+"""The LongNet GPTModel of a job, as this rank's pipeline chunks wrapped in Megatron's DDP.
+
+Mirrors Megatron-LM's ``get_model``: one chunk per virtual pipeline stage, each built by
+``build_longnet_gpt`` with its pre/post-process flags, moved to the device and wrapped in
+``megatron.core.distributed.DistributedDataParallel`` (contiguous gradient buffers, bucketed all-reduce
+or reduce-scatter for the distributed optimizer).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from longnet_megatron.train.config import JobConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_preset(job: JobConfig, vocab_size: int | None):
+    """The preset with the job's architecture overrides, L and vocabulary."""
+    from longnet_megatron.attention import DilatedAttentionConfig
+    from longnet_megatron.model import get_preset
+
+    arch = job.architecture()
+    preset = get_preset(job.model.preset)
+    vocab = job.model.vocab_size or vocab_size or preset.vocab_size
+    if vocab_size is not None and vocab < vocab_size:
+        raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary {vocab_size}")
+    return preset.replace(
+        num_layers=arch["num_layers"],
+        hidden_size=arch["hidden_size"],
+        num_attention_heads=arch["num_attention_heads"],
+        num_query_groups=arch["num_query_groups"],
+        ffn_hidden_size=arch["ffn_hidden_size"],
+        seq_length=job.seq_length(),
+        dilated_attention=DilatedAttentionConfig(tuple(arch["segment_lengths"]), tuple(arch["dilation_rates"])),
+        vocab_size=vocab,
+    )
+
+
+def transformer_config(job: JobConfig, preset) -> Any:
+    """The LongNetConfig (a Megatron TransformerConfig) of the job."""
+    from longnet_megatron.model import make_longnet_config
+
+    precision, m, p = job.train.precision, job.model, job.parallel
+    dtype = DTYPES[precision]
+    overrides: dict[str, Any] = {
+        "bf16": precision == "bf16",
+        "fp16": precision == "fp16",
+        "params_dtype": dtype,
+        "pipeline_dtype": dtype,
+        "hidden_dropout": m.hidden_dropout,
+        "sequence_parallel": p.sequence_parallel,
+        # Loss = sum over tokens; the schedule adds token counts and finalize_model_grads divides the
+        # gradients by the global count: the exact per-token mean whatever the micro-batching.
+        "calculate_per_token_loss": True,
+    }
+    if m.recompute == "selective":
+        overrides.update(recompute_granularity="selective", recompute_modules=["core_attn"])
+    elif m.recompute == "full":
+        overrides.update(
+            recompute_granularity="full",
+            recompute_method=m.recompute_method,
+            recompute_num_layers=m.recompute_num_layers,
+        )
+    return make_longnet_config(preset, attention_backend_name=m.attention_backend, **overrides)
+
+
+def build_model_chunks(job: JobConfig, preset, config, device: torch.device) -> list[torch.nn.Module]:
+    """This rank's chunks (one per virtual pipeline stage) wrapped in Megatron's DDP."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from longnet_megatron.model import build_longnet_gpt
+
+    vpp = job.parallel.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        module = build_longnet_gpt(
+            preset,
+            config=config,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            vp_stage=stage,
+            use_te=job.model.use_te,
+        )
+        chunks.append(module.to(device))
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=job.parallel.overlap_grad_reduce,
+        overlap_param_gather=job.parallel.overlap_param_gather,
+        use_distributed_optimizer=job.parallel.use_distributed_optimizer,
+        check_for_nan_in_grad=True,
+    )
+    return [
+        DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=i > 0)
+        for i, chunk in enumerate(chunks)
+    ]
+

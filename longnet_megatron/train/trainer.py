@@ -1,0 +1,360 @@
+"""The Trainer: LongNet pretraining on Megatron-Core, top to bottom.
+
+    trainer = Trainer(load_config("configs/tiny_cpu.yaml"))
+    exit_code = trainer.train()      # 0, or REQUEUE_EXIT_CODE after a signal-triggered checkpoint
+
+Construction sets up, in order: process groups and parallel_state, seeds, the model (this rank's
+pipeline chunks in Megatron DDP), the optimizer and lr scheduler, the checkpoint (resumed from
+``latest`` when there is one), the data from the resumed position, and the metrics writers.
+``train()`` then runs steps: one global batch through ``get_forward_backward_func`` (micro-batches,
+1F1B under pipeline parallelism), the optimizer step, logging, validation, checkpoints, signals.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from longnet_megatron.train import data as data_lib
+from longnet_megatron.train.checkpoint import Checkpointer, latest_checkpoint
+from longnet_megatron.train.config import JobConfig, dump_config
+from longnet_megatron.train.distributed import World, init_distributed, world_from_env
+from longnet_megatron.train.metrics import MetricsWriter, memory_gib, peak_tflops, training_flops_per_sequence
+from longnet_megatron.train.model import build_model_chunks, resolve_preset, transformer_config
+from longnet_megatron.train.optim import build_optimizer, build_scheduler
+from longnet_megatron.train.signals import REQUEUE_EXIT_CODE, ExitSignals
+
+log = logging.getLogger("longnet_megatron.train")
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Summed token loss, token count, and [sum, count] to report (Megatron-LM's per-token loss)."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.float().view(-1)
+    loss = torch.sum(losses * mask)
+    num_tokens = mask.sum().detach().to(torch.int)
+    return loss, num_tokens, {"lm loss": torch.stack([loss.detach(), num_tokens.float()])}
+
+
+class Trainer:
+    """One training run of a :class:`JobConfig` on this process's rank.
+
+    init_weights: optional callable given this rank's (unwrapped) model chunks after they are built and
+        before the optimizer sees them, e.g. to load the same full weights under several layouts.
+    """
+
+    def __init__(
+        self,
+        job: JobConfig,
+        world: World | None = None,
+        init_weights: Callable[[list[torch.nn.Module]], None] | None = None,
+    ) -> None:
+        from megatron.core import parallel_state as ps
+
+        self.job = job
+        world = world or world_from_env()
+        job.validate(world_size=world.world_size)
+        self.device = init_distributed(job, world)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.is_logging_rank = self.rank == 0
+        _setup_logging(self.is_logging_rank)
+        self._seed(job.train.seed + 100 * ps.get_pipeline_model_parallel_rank())
+
+        # Model: this rank's pipeline chunks, DDP-wrapped.
+        self.tokenizer = data_lib.tokenizer_description(job)
+        self.preset = resolve_preset(job, data_lib.data_vocab_size(job))
+        self.seq_length = self.preset.seq_length
+        self.model_config = transformer_config(job, self.preset)
+        self.chunks = build_model_chunks(job, self.preset, self.model_config, self.device)
+        if init_weights is not None:
+            init_weights([chunk.module for chunk in self.chunks])
+            for chunk in self.chunks:
+                chunk.broadcast_params()  # keep data-parallel replicas identical
+
+        # Optimizer and schedule; Megatron's schedules find the gradient hooks through the config.
+        from megatron.core.distributed import finalize_model_grads
+
+        self.optimizer = build_optimizer(job, self.chunks)
+        self.scheduler = build_scheduler(job, self.optimizer)
+        self.model_config.finalize_model_grads_func = finalize_model_grads
+        self.model_config.grad_scale_func = self.optimizer.scale_loss
+        no_sync = [chunk.no_sync for chunk in self.chunks]
+        self.model_config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        if job.parallel.overlap_grad_reduce:
+            sync = [chunk.start_grad_sync for chunk in self.chunks]
+            self.model_config.grad_sync_func = sync[0] if len(sync) == 1 else sync
+        if job.parallel.overlap_param_gather:
+            sync = [chunk.start_param_sync for chunk in self.chunks]
+            self.model_config.param_sync_func = sync[0] if len(sync) == 1 else sync
+
+        # Batch geometry.
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.cp_size = ps.get_context_parallel_world_size()
+        self.cp_rank = ps.get_context_parallel_rank()
+        self.num_microbatches = job.num_microbatches(self.world_size)
+        self.global_batch = job.train.global_batch_size
+
+        # Checkpoint: resume from `latest` (or an explicit checkpoint.load).
+        self.step, self.consumed_samples = 0, 0
+        self.checkpointer = Checkpointer(job.checkpoint_dir, job.checkpoint.keep_last,
+                                         job.checkpoint.optimizer_sharding)
+        resume = job.checkpoint.load or (latest_checkpoint(job.checkpoint_dir) if job.checkpoint.resume else None)
+        if resume:
+            state = self.checkpointer.load(resume, self.chunks, self.optimizer, self.scheduler)
+            self.step, self.consumed_samples = int(state["step"]), int(state["consumed_samples"])
+            log.info("resumed from %s at step %d (%d samples consumed)", resume, self.step, self.consumed_samples)
+
+        # Data from the resumed position; validation always reads the same first eval_iters batches.
+        t = job.train
+        num_valid = t.eval_iters * self.global_batch if t.eval_interval else 0
+        self.train_data, self.valid_data = data_lib.build_datasets(
+            job, self.seq_length, self.preset.vocab_size, t.steps * self.global_batch, num_valid
+        )
+        self.train_iters = self._iterators(self.train_data, self.consumed_samples)
+
+        # Metrics.
+        arch = job.architecture()
+        self.flops_per_step = self.global_batch * training_flops_per_sequence(
+            num_layers=arch["num_layers"],
+            hidden_size=arch["hidden_size"],
+            num_heads=arch["num_attention_heads"],
+            kv_heads=arch["num_query_groups"] or arch["num_attention_heads"],
+            ffn_hidden_size=arch["ffn_hidden_size"] or 4 * arch["hidden_size"],
+            vocab_size=self.preset.padded_vocab_size(job.parallel.tensor_model_parallel_size),
+            seq_length=self.seq_length,
+            patterns=list(zip(arch["segment_lengths"], arch["dilation_rates"])),
+        )
+        self.peak_tflops = peak_tflops(job.logging.peak_tflops)
+        self.metrics = MetricsWriter(job.run_dir, job.logging.tensorboard, self.is_logging_rank)
+        self.signals = ExitSignals().install() if t.exit_signal_handling else None
+        self.history: list[dict[str, Any]] = []  # every step's record, on every rank (tests read it)
+        self._write_run_files()
+        self._log_setup()
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def _seed(self, seed: int) -> None:
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+
+    def _iterators(self, dataset, consumed: int) -> list:
+        """One iterator per model chunk (interleaved schedules read each chunk's own)."""
+        return [
+            data_lib.micro_batches(dataset, consumed, self.job.train.micro_batch_size, self.dp_rank,
+                                   self.dp_size, self.job.data.num_workers)
+            for _ in self.chunks
+        ]
+
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        """What the exporter needs besides the tensors (also written to the run directory)."""
+        import megatron.core
+
+        p = self.job.parallel
+        return {
+            "format": "megatron.core.dist_checkpointing",
+            "megatron_core": megatron.core.__version__,
+            "config": self.job.to_dict(),
+            "tokenizer": self.tokenizer,
+            "model": {
+                "preset": self.job.model.preset,
+                **self.job.architecture(),
+                "seq_length": self.seq_length,
+                "vocab_size": self.preset.vocab_size,
+                "padded_vocab_size": self.preset.padded_vocab_size(p.tensor_model_parallel_size),
+                "tie_embeddings": self.preset.tie_embeddings,
+                "rotary_base": self.preset.rotary_base,
+                "dilated_attention": self.model_config.dilated_patterns_dict(),
+            },
+            "parallel": {
+                "tensor": p.tensor_model_parallel_size,
+                "pipeline": p.pipeline_model_parallel_size,
+                "virtual_pipeline": p.virtual_pipeline_model_parallel_size,
+                "context": p.context_parallel_size,
+                "data": self.dp_size,
+            },
+        }
+
+    def _write_run_files(self) -> None:
+        if not self.is_logging_rank:
+            return
+        import json
+
+        os.makedirs(self.job.run_dir, exist_ok=True)
+        dump_config(self.job, os.path.join(self.job.run_dir, "config.yaml"))
+        with open(os.path.join(self.job.run_dir, "run.json"), "w") as f:
+            json.dump(self.checkpoint_metadata(), f, indent=2)
+
+    def _log_setup(self) -> None:
+        p, t = self.job.parallel, self.job.train
+        params = sum(p_.numel() for c in self.chunks for p_ in c.parameters())
+        log.info(
+            "LongNet %s: L=%d, vocab %d, %s params on rank 0 | world %d = tp %d x pp %d x cp %d x dp %d | "
+            "global batch %d = micro %d x %d micro-batches x dp %d | %s on %s | run dir %s",
+            self.job.model.preset, self.seq_length, self.preset.vocab_size, f"{params:,}", self.world_size,
+            p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size,
+            self.dp_size, self.global_batch, t.micro_batch_size, self.num_microbatches, self.dp_size,
+            t.precision, self.device.type, self.job.run_dir,
+        )
+        if self.job.data.synthetic:
+            log.warning("data: SYNTHETIC random tokens: the loss cannot fall; for throughput only")
+
+    # ------------------------------------------------------------------ one step
+
+    def _forward_step(self, data_iterator, model):
+        batch = data_lib.split_for_context_parallel(next(data_iterator), self.cp_rank, self.cp_size)
+        batch = data_lib.to_device(batch, self.device)
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        return output, partial(_loss_func, batch["loss_mask"])
+
+    def _forward_backward(self, iterators: list, forward_only: bool) -> tuple[float, float]:
+        """One global batch through Megatron's schedule; (summed token loss, token count) of all replicas."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        reports = get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+            num_microbatches=self.num_microbatches,
+            seq_length=self.seq_length,
+            micro_batch_size=self.job.train.micro_batch_size,
+            forward_only=forward_only,
+        )
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0:
+            for report in reports:
+                total += report["lm loss"].to(total)
+        dist.all_reduce(total)  # over data- and context-parallel replicas; zeros elsewhere
+        return total[0].item(), total[1].item()
+
+    def train_step(self) -> dict[str, float]:
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        loss_sum, tokens = self._forward_backward(self.train_iters, forward_only=False)
+        updated, grad_norm, _ = self.optimizer.step()
+        if updated:
+            self.scheduler.step(increment=1)
+        return {
+            "loss": loss_sum / max(tokens, 1.0),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "skipped": 0 if updated else 1,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float] | None:
+        """Mean token loss over the first ``train.eval_iters`` validation batches, and its perplexity."""
+        if self.valid_data is None:
+            return None
+        for chunk in self.chunks:
+            chunk.eval()
+        iterators = self._iterators(self.valid_data, 0)
+        loss_sum = tokens = 0.0
+        for _ in range(self.job.train.eval_iters):
+            s, n = self._forward_backward(iterators, forward_only=True)
+            loss_sum, tokens = loss_sum + s, tokens + n
+        for chunk in self.chunks:
+            chunk.train()
+        loss = loss_sum / max(tokens, 1.0)
+        return {"loss": loss, "ppl": float(np.exp(min(loss, 50.0)))}
+
+    # ------------------------------------------------------------------ the loop
+
+    def save(self) -> str:
+        path = self.checkpointer.save(
+            self.step, self.chunks, self.optimizer, self.scheduler,
+            {"step": self.step, "consumed_samples": self.consumed_samples},
+            self.checkpoint_metadata(),
+        )
+        log.info("saved checkpoint %s", path)
+        return path
+
+    def train(self) -> int:
+        """Train to ``train.steps``; returns 0, or REQUEUE_EXIT_CODE after a signal and a checkpoint."""
+        job, t = self.job, self.job.train
+        ckpt_interval, log_interval = job.checkpoint.interval, job.logging.interval
+        tokens_per_step = self.global_batch * self.seq_length
+        window: list[dict[str, float]] = []
+        window_start = time.perf_counter()
+        last_saved = self.step if self.step else None
+        exit_code = 0
+        for chunk in self.chunks:
+            chunk.train()
+        while self.step < t.steps:
+            record = self.train_step()
+            self.step += 1
+            self.consumed_samples += self.global_batch
+            record["step"] = self.step
+            self.history.append(record)
+            window.append(record)
+
+            if self.step % log_interval == 0 or self.step == t.steps or self.step == 1:
+                elapsed = time.perf_counter() - window_start
+                step_time = elapsed / len(window)
+                tflops = self.flops_per_step / step_time / self.world_size / 1e12
+                self.metrics.write({
+                    "kind": "train",
+                    "step": self.step,
+                    "steps": t.steps,
+                    "loss": float(np.mean([r["loss"] for r in window])),
+                    "lr": record["lr"],
+                    "grad_norm": record["grad_norm"],
+                    "skipped": sum(r["skipped"] for r in window),
+                    "tokens_per_s": tokens_per_step / step_time,
+                    "tflops_per_gpu": tflops,
+                    "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+                    "memory_gib": memory_gib(),
+                    "step_time_s": step_time,
+                    "consumed_samples": self.consumed_samples,
+                })
+                window, window_start = [], time.perf_counter()
+
+            if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps):
+                result = self.evaluate()
+                if result is not None:
+                    self.metrics.write({"kind": "valid", "step": self.step, **result})
+                window_start = time.perf_counter()  # validation time is not step time
+
+            if self.signals is not None and self.signals.any_rank_received(self.device):
+                log.warning("exit signal (%s) received: checkpointing at step %d, then exit %d for requeue",
+                            self.signals.received or "on another rank", self.step, REQUEUE_EXIT_CODE)
+                self.save()
+                exit_code = REQUEUE_EXIT_CODE
+                break
+            if ckpt_interval and self.step % ckpt_interval == 0 and self.step < t.steps:
+                self.save()
+                last_saved = self.step
+                window_start = time.perf_counter()
+        else:
+            if job.checkpoint.save_at_end and last_saved != self.step:
+                self.save()
+        self.metrics.close()
+        return exit_code
+
+    def close(self) -> None:
+        if self.signals is not None:
+            self.signals.uninstall()
+
+
+def _setup_logging(is_logging_rank: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if is_logging_rank else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+    logging.getLogger("megatron").setLevel(logging.WARNING if is_logging_rank else logging.ERROR)

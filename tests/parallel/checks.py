@@ -1,0 +1,249 @@
+"""What each rank runs in the context-parallel tests (module level, so spawned ranks can import it).
+
+Every check compares this rank's slice of a CP run against the same slice of a single-process run on
+the whole sequence (and, for attention, against the float64 oracle), and returns relative errors so
+the parent process asserts with readable messages. Several checks share one process group: starting
+ranks that import Megatron costs seconds, so the tests batch everything per world size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from longnet_megatron.attention import DilatedAttentionConfig, dilated_attention
+from longnet_megatron.parallel import last_comm_stats
+from tests.attention.oracle import oracle_attention
+
+
+@dataclass(frozen=True)
+class CPCase:
+    """A dilated attention problem split over ``cp`` ranks (and ``tp`` head shards).
+
+    ``n`` is the GLOBAL length; ``base`` the global position of token 0; ``head_offset`` the global
+    index of head 0 of the whole (unsplit) head range.
+    """
+
+    name: str
+    n: int
+    heads: int
+    kv_heads: int
+    segment_lengths: tuple[int, ...]
+    dilation_rates: tuple[int, ...]
+    causal: bool
+    batch: int = 1
+    head_dim: int = 8
+    head_offset: int = 0
+    base: int = 0
+    oracle: bool = True
+
+    @property
+    def config(self) -> DilatedAttentionConfig:
+        return DilatedAttentionConfig(self.segment_lengths, self.dilation_rates, causal=self.causal)
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300)).item()
+
+
+def _tensors(case: CPCase, seed: int) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    q, dout = (torch.randn(case.batch, case.n, case.heads, case.head_dim, generator=gen) for _ in range(2))
+    k, v = (torch.randn(case.batch, case.n, case.kv_heads, case.head_dim, generator=gen) for _ in range(2))
+    return q, k, v, dout
+
+
+def _full_run(case: CPCase, tensors: tuple[torch.Tensor, ...], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Output and dq, dk, dv of the single-rank computation over the whole sequence (or the oracle)."""
+    q, k, v, dout = (t.to(dtype).requires_grad_(i < 3) for i, t in enumerate(tensors))
+    if dtype == torch.float64:
+        out = oracle_attention(
+            q,
+            k,
+            v,
+            case.segment_lengths,
+            case.dilation_rates,
+            case.causal,
+            head_offset=case.head_offset,
+            position_offset=case.base,
+        )
+    else:
+        out = dilated_attention(
+            q, k, v, case.config, head_offset=case.head_offset, position_offset=case.base, backend="reference"
+        )
+    return [out.detach(), *torch.autograd.grad(out, (q, k, v), dout)]
+
+
+def check_attention(
+    case: CPCase, cp_group: dist.ProcessGroup, tp_rank: int = 0, tp_size: int = 1, seed: int = 0
+) -> dict:
+    """Errors of this rank's CP output and gradients vs the whole-sequence run, and its byte counts."""
+    cp_rank, cp_size = dist.get_rank(cp_group), dist.get_world_size(cp_group)
+    n = case.n // cp_size
+    hq, hkv = case.heads // tp_size, case.kv_heads // tp_size
+    rows, q_heads, kv_heads = (
+        slice(cp_rank * n, (cp_rank + 1) * n),
+        slice(tp_rank * hq, (tp_rank + 1) * hq),
+        slice(tp_rank * hkv, (tp_rank + 1) * hkv),
+    )
+    tensors = _tensors(case, seed)
+    q, k, v, dout = (
+        t[:, rows, heads].clone() for t, heads in zip(tensors, (q_heads, kv_heads, kv_heads, q_heads))
+    )
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    out = dilated_attention(
+        q,
+        k,
+        v,
+        case.config,
+        head_offset=case.head_offset + tp_rank * hq,
+        position_offset=case.base + cp_rank * n,
+        backend="reference",
+        cp_group=cp_group,
+    )
+    got = [out.detach(), *torch.autograd.grad(out, (q, k, v), dout)]
+    stats = last_comm_stats()
+    result = {"case": case.name, "cp_rank": cp_rank, "tp_rank": tp_rank, "errors": {}}
+    references = {"single_rank": torch.float32}
+    if case.oracle:
+        references["oracle"] = torch.float64
+    for ref_name, dtype in references.items():
+        full = _full_run(case, tensors, dtype)
+        for name, x, ref, heads in zip(
+            ("out", "dq", "dk", "dv"), got, full, (q_heads, q_heads, kv_heads, kv_heads)
+        ):
+            result["errors"][f"{ref_name}/{name}"] = rel_err(x, ref[:, rows, heads])
+    result["forward_bytes"] = dict(stats.forward_bytes) if stats else {}
+    result["backward_bytes"] = dict(stats.backward_bytes) if stats else {}
+    return result
+
+
+def attention_checks(cases: list[CPCase], tp_size: int = 1) -> list[dict]:
+    """Run every case on this rank: CP over the world (tp_size=1) or over Megatron's CP group."""
+    if tp_size == 1:
+        group, tp_rank = dist.group.WORLD, 0
+    else:
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_context_parallel_group()
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    return [check_attention(case, group, tp_rank, tp_size, seed=i) for i, case in enumerate(cases)]
+
+
+def _model_step(model, batch: dict, cp_group: dist.ProcessGroup | None) -> dict:
+    """Logits, the token-averaged loss and parameter gradients, averaged over CP as Megatron does.
+
+    Each CP rank sums the loss of its own tokens and divides by the token count of the whole
+    sequence; gradients are then summed over the CP group (Megatron's DDP reduces over data x context
+    parallel ranks), which gives the gradient of the global mean loss.
+    """
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    model.zero_grad(set_to_none=True)
+    logits = model(batch["tokens"], batch["position_ids"], None)  # [b, s, vocab / tp]
+    losses = vocab_parallel_cross_entropy(
+        logits.transpose(0, 1).float().contiguous(), batch["labels"].transpose(0, 1).contiguous()
+    )
+    mask = batch["loss_mask"].transpose(0, 1).float()
+    count = mask.sum()
+    if cp_group is not None:
+        dist.all_reduce(count, group=cp_group)
+    loss = (losses * mask).sum() / count
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    total = loss.detach().clone()
+    if cp_group is not None:
+        dist.all_reduce(total, group=cp_group)
+        for grad in grads.values():
+            dist.all_reduce(grad, group=cp_group)
+    return {"logits": logits.detach(), "loss": total, "grads": grads}
+
+
+def check_model(tp: int, cp: int, seq_length: int = 256, batch_size: int = 2) -> dict:
+    """The tiny LongNet GPTModel under TP=tp x CP=cp vs TP=tp x CP=1 on the same weights and tokens."""
+    from megatron.core import parallel_state
+
+    from longnet_megatron.model import build_longnet_gpt, get_preset
+    from longnet_megatron.parallel.batch import split_batch_for_this_cp_rank
+    from longnet_megatron.testing import ParallelLayout, initialize_megatron_parallel
+
+    preset = get_preset("tiny").replace(seq_length=seq_length)
+    gen = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, preset.vocab_size, (batch_size, seq_length + 1), generator=gen)
+    batch = {
+        "tokens": tokens[:, :-1],
+        "labels": tokens[:, 1:],
+        "loss_mask": (torch.rand(batch_size, seq_length, generator=gen) > 0.1).float(),
+        "position_ids": torch.arange(seq_length).expand(batch_size, -1),
+    }
+
+    initialize_megatron_parallel(ParallelLayout(tp=tp))
+    model = build_longnet_gpt(preset, attention_backend_name="reference", use_te=False)
+    weights = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()}
+    ref = _model_step(model, batch, None)
+
+    initialize_megatron_parallel(ParallelLayout(tp=tp, cp=cp))
+    model = build_longnet_gpt(preset, attention_backend_name="reference", use_te=False)
+    model.load_state_dict(weights)
+    cp_group = parallel_state.get_context_parallel_group()
+    cp_rank = parallel_state.get_context_parallel_rank()
+    got = _model_step(model, split_batch_for_this_cp_rank(batch), cp_group)
+
+    n = seq_length // cp
+    return {
+        "tp": tp,
+        "cp": cp,
+        "logits": rel_err(got["logits"], ref["logits"][:, cp_rank * n : (cp_rank + 1) * n]),
+        "loss": abs(got["loss"].item() - ref["loss"].item()),
+        "loss_value": ref["loss"].item(),
+        "grads": max(rel_err(got["grads"][k], ref["grads"][k]) for k in ref["grads"]),
+        "forward_bytes": dict(last_comm_stats().forward_bytes),
+    }
+
+
+# Cases named for what they exercise; n is the global length. "small": every segment fits in a chunk.
+CP2_CASES = [
+    CPCase("small_patterns_local", 64, 4, 4, (8, 16, 32), (1, 2, 4), True),
+    CPCase("large_patterns_causal", 64, 4, 4, (8, 32, 64, 128), (1, 2, 4, 8), True),
+    CPCase("large_patterns_noncausal", 64, 4, 4, (8, 32, 64, 128), (1, 2, 4, 8), False, batch=2),
+    CPCase("ragged_causal", 70, 6, 6, (5, 12, 30, 50), (1, 3, 7, 6), True),
+    CPCase("ragged_noncausal_base", 70, 6, 2, (5, 12, 30, 50), (1, 3, 7, 6), False, head_offset=6, base=9),
+    CPCase("gqa_causal", 64, 8, 2, (8, 48, 100), (1, 4, 8), True, head_offset=4),
+    CPCase("paper_rates", 96, 12, 12, (4, 8, 16, 32, 64), (1, 2, 4, 6, 12), True, oracle=False),
+]
+CP4_CASES = [
+    CPCase("small_patterns_local", 128, 4, 4, (8, 16, 32), (1, 2, 4), True),
+    CPCase("large_patterns_causal", 128, 4, 4, (8, 32, 64, 128), (1, 2, 4, 8), True),
+    CPCase("ragged_noncausal", 140, 6, 3, (5, 12, 30, 50, 150), (1, 3, 7, 6, 11), False),
+    CPCase("ragged_gqa_causal", 140, 8, 2, (7, 20, 45, 160), (1, 3, 6, 9), True, head_offset=8),
+]
+# TP=2 x CP=2: heads split over TP ranks, so the CP ranks see head_offset = tp_rank * heads / 2.
+TP2_CP2_CASES = [
+    CPCase("tp2_large_causal", 64, 8, 8, (8, 32, 64), (1, 2, 4), True),
+    CPCase("tp2_ragged_gqa_noncausal", 70, 8, 4, (5, 30, 70), (1, 3, 6), False),
+]
+# Bytes per pattern when N doubles and every crossing pattern's (w, r) doubles (w/r fixed).
+BYTES_CASES = [
+    CPCase("bytes_n", 64, 4, 4, (8, 32, 64, 128), (1, 2, 4, 8), True, oracle=False),
+    CPCase("bytes_2n", 128, 4, 4, (16, 64, 128, 256), (1, 4, 8, 16), True, oracle=False),
+]
+
+
+def run_world(world_size: int) -> dict:
+    """Everything the tests check on ``world_size`` ranks, in one process group."""
+    from longnet_megatron.testing import ParallelLayout, initialize_megatron_parallel
+
+    results: dict = {}
+    if world_size == 2:
+        results["attention"] = attention_checks(CP2_CASES)
+        results["bytes"] = attention_checks(BYTES_CASES)
+        results["model"] = check_model(tp=1, cp=2)
+    else:
+        results["attention"] = attention_checks(CP4_CASES)
+        results["bytes"] = attention_checks(BYTES_CASES)
+        initialize_megatron_parallel(ParallelLayout(tp=2, cp=2))
+        results["tp_attention"] = attention_checks(TP2_CP2_CASES, tp_size=2)
+        results["model"] = check_model(tp=2, cp=2)
+    return results

@@ -1,0 +1,327 @@
+"""Benchmark the dilated attention backends on one GPU against dense causal cuDNN attention.
+
+For each head size, pattern set and length N: each backend's forward and forward+backward time
+(CUDA events, median), useful TFLOP/s and peak memory, with dense causal attention (PyTorch SDPA on
+cuDNN) at the same N as the baseline, in the same process. Prints a table, and writes JSON and a
+markdown table (by default benchmarks/attention.json and benchmarks/attention.md).
+
+Useful work, per head and pattern (w, r): (N / r) queries, each against min(w, N) / r keys; causal
+halves it; 4 * D FLOPs per query-key pair forward, x 3.5 for forward plus backward (the count of
+shared/gpu/README.md).
+
+    python tools/bench_attention.py                                  # the full sweep
+    python tools/bench_attention.py --n 131072 --sets geometric --backends sdpa-cudnn --head-dims 128
+    python tools/bench_attention.py --render benchmarks/a.json benchmarks/b.json   # merge, rewrite .md
+
+Pattern sets: ``geometric`` w = 2048 * 2^k, r = 2^k, k = 0..4; ``paper`` w = 2048..32768,
+r = (1, 2, 4, 6, 12); ``fullrange`` k = 0 .. up to w = N (grows with N, the paper's scaling figure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from longnet_megatron.attention import DilatedAttentionConfig, dilated_attention, get_backend  # noqa: E402
+
+DEFAULT_N = [8192, 16384, 32768, 131072, 524288, 1048576]
+SETS = ("geometric", "paper", "fullrange")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+GiB = 1 << 30
+
+
+def pattern_set(name: str, n: int) -> DilatedAttentionConfig:
+    """The named pattern set (causal) at sequence length ``n``."""
+    if name == "geometric":
+        return DilatedAttentionConfig.geometric(2048, 5)
+    if name == "paper":
+        return DilatedAttentionConfig.paper()
+    if name == "fullrange":
+        return DilatedAttentionConfig.geometric(2048, 64, max_segment=max(n, 2048))
+    raise ValueError(f"unknown pattern set {name!r}; choose from {SETS}")
+
+
+def useful_flops(config: DilatedAttentionConfig, n: int, heads: int, head_dim: int) -> float:
+    """Forward FLOPs of the useful work: per head and pattern, (N/r) queries x (min(w, N)/r) keys."""
+    pairs = sum((n / r) * (min(w, n) / r) for w, r in config.patterns)
+    return 4.0 * head_dim * heads * pairs * (0.5 if config.causal else 1.0)
+
+
+def time_ms(fn: Callable[[], object], target_s: float, max_reps: int) -> tuple[float, int]:
+    """Median time of ``fn`` in ms over a number of repetitions fitted to ``target_s`` (after one warm-up)."""
+    fn()
+    torch.cuda.synchronize()
+    times: list[float] = []
+    start_all = time.perf_counter()
+    while len(times) < max_reps and (not times or time.perf_counter() - start_all < target_s):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), len(times)
+
+
+def _profile(fn: Callable[[], object]) -> None:
+    """Print the GPU kernels and CPU time of one call of ``fn`` (after a warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+
+
+def peak_gib(fn: Callable[[], object]) -> float:
+    """Peak allocated memory (GiB) during ``fn``, counting what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / GiB
+
+
+def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        )
+    return out.transpose(1, 2)
+
+
+def measure(
+    attend: Callable[..., torch.Tensor], tensors: tuple[torch.Tensor, ...], args: argparse.Namespace
+) -> dict[str, float | int]:
+    """Forward and forward+backward times (ms) and the peak memory (GiB) of one attention function."""
+    q, k, v, dout = tensors
+
+    def forward() -> None:
+        with torch.no_grad():
+            attend(q, k, v)
+
+    def forward_backward() -> None:
+        out = attend(q, k, v)
+        torch.autograd.grad(out, (q, k, v), dout)
+
+    if args.profile:
+        _profile(forward_backward)
+    fwd, fwd_reps = time_ms(forward, args.target_s, args.max_reps)
+    both, both_reps = time_ms(forward_backward, args.target_s, args.max_reps)
+    return {"fwd_ms": fwd, "fwdbwd_ms": both, "peak_gib": peak_gib(forward_backward), "reps": both_reps}
+
+
+def run_one(
+    label: str, attend: Callable[..., torch.Tensor], tensors: tuple, flops: float, args: argparse.Namespace
+) -> dict:
+    """One row of results; OOM and kernel errors are recorded, not raised."""
+    row: dict = {"backend": label, "useful_fwd_flops": flops}
+    try:
+        row.update(measure(attend, tensors, args))
+        row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
+        row["fwdbwd_tflops"] = 3.5 * flops / row["fwdbwd_ms"] / 1e9
+        row["status"] = "ok"
+    except torch.OutOfMemoryError:
+        row["status"] = "OOM"
+    except (RuntimeError, ValueError) as err:
+        row["status"] = f"error: {str(err).splitlines()[0][:200]}"
+    torch.cuda.empty_cache()
+    return row
+
+
+def sweep(args: argparse.Namespace) -> list[dict]:
+    """All measurements asked for on the command line."""
+    rows: list[dict] = []
+    dtype = DTYPES[args.dtype]
+    t_start = time.perf_counter()
+    for d in args.head_dims:
+        for n in args.n:
+            if time.perf_counter() - t_start > args.time_budget:
+                rows.append({"head_dim": d, "n": n, "backend": "*", "status": "skipped: time budget"})
+                continue
+            gen = torch.Generator(device="cuda").manual_seed(n + d)
+            shape = (1, n, args.heads, d)
+            try:
+                tensors = tuple(
+                    torch.randn(shape, device="cuda", dtype=dtype, generator=gen) for _ in range(4)
+                )
+            except torch.OutOfMemoryError:
+                rows.append({"head_dim": d, "n": n, "backend": "*", "status": "OOM (inputs)"})
+                continue
+            for t in tensors[:3]:
+                t.requires_grad_(True)
+            base = {"head_dim": d, "n": n, "heads": args.heads, "dtype": args.dtype}
+            if args.dense and n <= args.dense_max_n:
+                flops = 4.0 * d * args.heads * n * n * 0.5
+                rows.append({**base, "set": "dense", **run_one("dense-cudnn", _dense, tensors, flops, args)})
+                _print_row(rows[-1])
+            for set_name in args.sets:
+                config = pattern_set(set_name, n)
+                flops = useful_flops(config, n, args.heads, d)
+                for name in args.backends:
+                    backend = get_backend(name)
+                    row = {**base, "set": set_name, "patterns": [list(p) for p in config.patterns]}
+                    if name == "sdpa":
+                        row["kernel"] = backend.select(tensors[0])
+
+                    def attend(q, k, v, config=config, backend=backend):
+                        return dilated_attention(q, k, v, config, backend=backend)
+
+                    row.update(run_one(name, attend, tensors, flops, args))
+                    rows.append(row)
+                    _print_row(row)
+            del tensors
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _print_row(row: dict) -> None:
+    print(
+        f"D={row['head_dim']:<4} N={row['n']:<8} {row.get('set', ''):<9} {row['backend']:<15} "
+        f"fwd {_fmt(row.get('fwd_ms'), 2):>9} ms {_fmt(row.get('fwd_tflops')):>6} TF/s | "
+        f"fwd+bwd {_fmt(row.get('fwdbwd_ms'), 2):>9} ms {_fmt(row.get('fwdbwd_tflops')):>6} TF/s | "
+        f"peak {_fmt(row.get('peak_gib'), 2):>6} GiB  {row.get('status', '')}",
+        flush=True,
+    )
+
+
+def render_markdown(meta: dict, rows: list[dict]) -> str:
+    """A markdown report: how it was run, then one table per head size and pattern set."""
+    dense = {
+        (r["head_dim"], r["n"]): r
+        for r in rows
+        if r.get("backend") == "dense-cudnn" and r.get("status") == "ok"
+    }
+    lines = [
+        "# Dilated attention benchmark",
+        "",
+        f"* device: {meta['device']}; date: {meta['date']}; torch {meta['torch']}, cuDNN {meta['cudnn']}, "
+        f"Transformer Engine {meta.get('transformer_engine') or 'not installed'}",
+        f"* batch 1, {meta['heads']} heads, {meta['dtype']}, causal; time = median of CUDA-event timings",
+        "* useful TFLOP/s: per head and pattern (N/r) queries x (min(w,N)/r) keys, causal halves, x3.5 for fwd+bwd",
+        "* peak = torch.cuda.max_memory_allocated during one fwd+bwd, inputs (q, k, v, dout) included",
+        "* speedup = dense causal cuDNN attention fwd+bwd time / this fwd+bwd time, same N and process",
+        f"* command: `{meta['command']}`",
+        "",
+    ]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("set") not in (None, "dense"):
+            groups.setdefault((r["head_dim"], r["set"]), []).append(r)
+    for (d, set_name), group in sorted(groups.items(), key=lambda kv: (-kv[0][0], SETS.index(kv[0][1]))):
+        patterns = group[0]["patterns"]
+        title = f"## D = {d}, {set_name}" + ("" if set_name == "fullrange" else f": (w, r) = {patterns}")
+        lines += [
+            title,
+            "",
+            "| N | backend | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | peak GiB | vs dense | status |",
+            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
+        ns = {r["n"] for r in group}
+        group = group + [r for r in rows if r.get("set") == "dense" and r["head_dim"] == d and r["n"] in ns]
+        for r in sorted(group, key=lambda r: (r.get("n", 0), r.get("backend", ""))):
+            ref = dense.get((r.get("head_dim"), r.get("n")))
+            speed = None
+            if ref and r.get("status") == "ok" and r["backend"] != "dense-cudnn":
+                speed = ref["fwdbwd_ms"] / r["fwdbwd_ms"]
+            name = r["backend"] + (f" ({r['kernel']})" if r.get("kernel") else "")
+            lines.append(
+                f"| {r.get('n')} | {name} | {_fmt(r.get('fwd_ms'), 2)} | {_fmt(r.get('fwd_tflops'))} | "
+                f"{_fmt(r.get('fwdbwd_ms'), 2)} | {_fmt(r.get('fwdbwd_tflops'))} | {_fmt(r.get('peak_gib'), 2)} | "
+                f"{_fmt(speed) + 'x' if speed else '-'} | {r.get('status', '')} |"
+            )
+        lines.append("")
+    lines += [f"* D = {r['head_dim']}, N = {r['n']}: {r['status']}" for r in rows if r.get("backend") == "*"]
+    return "\n".join(lines) + "\n"
+
+
+def _versions() -> dict:
+    try:
+        import transformer_engine
+
+        te = transformer_engine.__version__
+    except Exception:  # noqa: BLE001 - any failure means "not available"
+        te = None
+    return {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+        "torch": torch.__version__,
+        "cudnn": torch.backends.cudnn.version(),
+        "transformer_engine": te,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    p.add_argument("--n", type=ints, default=DEFAULT_N, help="sequence lengths, comma-separated")
+    p.add_argument("--head-dims", type=ints, default=[128, 64])
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--sets", type=lambda s: s.split(","), default=list(SETS), help=f"from {SETS}")
+    p.add_argument("--backends", type=lambda s: s.split(","), default=["te", "sdpa"])
+    p.add_argument("--no-dense", dest="dense", action="store_false", help="skip the dense baseline")
+    p.add_argument("--dense-max-n", type=int, default=131072, help="longest N for the dense baseline")
+    p.add_argument("--target-s", type=float, default=0.3, help="seconds of timed repetitions per number")
+    p.add_argument("--max-reps", type=int, default=10)
+    p.add_argument("--time-budget", type=float, default=float("inf"), help="stop starting new N after this")
+    p.add_argument("--profile", action="store_true", help="print a profile of each fwd+bwd")
+    p.add_argument("--out-json", default="benchmarks/attention.json")
+    p.add_argument("--out-md", default="benchmarks/attention.md")
+    p.add_argument("--render", nargs="+", metavar="JSON", help="only merge these result files into --out-md")
+    args = p.parse_args(argv)
+
+    if args.render:
+        docs = [json.loads(Path(f).read_text()) for f in args.render]
+        meta = dict(docs[0]["meta"], command=" ; ".join(d["meta"]["command"] for d in docs))
+        rows = [r for d in docs for r in d["rows"]]
+        Path(args.out_md).write_text(render_markdown(meta, rows))
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_attention needs a CUDA device")
+    args.backends = [b for b in args.backends if _usable(b)]
+    meta = {
+        **_versions(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "dtype": args.dtype,
+        "heads": args.heads,
+        "command": "python tools/bench_attention.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+    }
+    print(f"{meta['device']}: torch {meta['torch']}, cuDNN {meta['cudnn']}, TE {meta['transformer_engine']}")
+    rows = sweep(args)
+    for path in (args.out_json, args.out_md):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out_json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    Path(args.out_md).write_text(render_markdown(meta, rows))
+
+
+def _usable(name: str) -> bool:
+    """Whether backend ``name`` loads here (a missing one is reported and left out)."""
+    try:
+        get_backend(name)
+        return True
+    except (ImportError, OSError, RuntimeError) as err:
+        print(f"backend {name} left out: {err}")
+        return False
+
+
+if __name__ == "__main__":
+    main()
