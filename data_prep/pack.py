@@ -179,7 +179,7 @@ def pack_datasets(
         bar = Progress(total_bytes, "pack", enabled=progress)
         try:
             for s, docs in active:
-                documents = [(datasets[owner[g]], local[g]) for g in docs.tolist()]
+                documents = (datasets, owner[docs], local[docs])
                 stats[s] = _pack_split(
                     documents, tmp, split_prefix(output_prefix, s), dtype, full, eod, tail, long_docs, bar
                 )
@@ -215,10 +215,15 @@ def _pack_split(
     long_docs: str,
     bar,
 ) -> SplitStats:
-    """Pack one split's documents (``(dataset, index)`` pairs, in order) into ``tmp``'s files."""
+    """Pack one split's documents into ``tmp``'s files.
+
+    ``documents`` is ``(datasets, owner, index)``: document k is ``datasets[owner[k]][index[k]]``
+    (arrays, not a list of pairs: a billion documents must not become a billion tuples).
+    """
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    st = SplitStats(documents=len(documents))
+    datasets, owner, index = documents
+    st = SplitStats(documents=len(index))
     data = IndexedDatasetBuilder(tmp[prefix + ".bin"], dtype=dtype.type)
     bounds = IndexedDatasetBuilder(tmp[boundaries_prefix(prefix) + ".bin"], dtype=np.int32)
 
@@ -228,8 +233,8 @@ def _pack_split(
         st.sequences += 1
 
     packer = SequencePacker(full, dtype, emit)
-    for ds, i in documents:
-        tokens = ds[int(i)]
+    for o, i in zip(owner, index):
+        tokens = datasets[int(o)][int(i)]
         st.tokens_in += len(tokens)
         bar.update(tokens.nbytes, 1, len(tokens))
         if len(tokens) > full:

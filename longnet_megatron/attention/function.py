@@ -25,7 +25,8 @@ from collections.abc import Sequence
 import torch
 
 from .backends.base import AttentionBackend
-from .indexing import AttentionTask, Selection, split_task
+from .indexing import AttentionTask, Selection
+from .packing import PackedSelection, PackedTask, kernel_calls
 
 # Largest query (elements) of one kernel call: 2^27 is 256 MiB in bf16, 2^15 segments x heads of 2048 x 128.
 MAX_CALL_ELEMENTS = 1 << 27
@@ -40,9 +41,24 @@ def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float16, torch.bfloat16) else _accumulator_dtype(dtype)
 
 
-def _split(tasks: Sequence[AttentionTask], q: torch.Tensor, max_elements: int) -> list[AttentionTask]:
-    b, _, h, d = q.shape
-    return [part for task in tasks for part in split_task(task, b, h, d, max_elements)]
+# Recent kernel-call lists, by the identity of the task sequence (kept alive here, so ids stay unique).
+_CALLS: dict[tuple, tuple[Sequence[AttentionTask], list[AttentionTask | PackedTask]]] = {}
+_CALLS_KEPT = 32
+
+
+def _calls(
+    tasks: Sequence[AttentionTask], q: torch.Tensor, k: torch.Tensor, max_elements: int
+) -> list[AttentionTask | PackedTask]:
+    """:func:`~.packing.kernel_calls` of ``tasks``, remembered for the next step with the same plan."""
+    key = (id(tasks), tuple(q.shape), k.shape[2], q.device, max_elements)
+    hit = _CALLS.get(key)
+    if hit is not None and hit[0] is tasks:
+        return hit[1]
+    calls = kernel_calls(tasks, tuple(q.shape), k.shape[2], q.device, max_elements)
+    if len(_CALLS) >= _CALLS_KEPT:
+        _CALLS.pop(next(iter(_CALLS)))
+    _CALLS[key] = (tasks, calls)
+    return calls
 
 
 def _first_pattern_covers_all(tasks: Sequence[AttentionTask], q: torch.Tensor) -> bool:
@@ -79,7 +95,7 @@ def dilated_forward(
     else:
         out, lse = new_accumulators(q)
     first = tasks[0].pattern if tasks else None
-    for task in _split(tasks, q, max_call_elements):
+    for task in _calls(tasks, q, k, max_call_elements):
         sel, kv = task.query, task.key_value
         o_i, l_i = backend.forward(sel.gather(q), kv.gather(k), kv.gather(v), causal=causal, scale=scale)
         if direct and task.pattern == first:
@@ -100,7 +116,11 @@ def new_accumulators(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def merge_partial(
-    out: torch.Tensor, lse: torch.Tensor, sel: Selection, o_i: torch.Tensor, l_i: torch.Tensor
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    sel: Selection | PackedSelection,
+    o_i: torch.Tensor,
+    l_i: torch.Tensor,
 ) -> None:
     """Fold one call's (O_i, L_i) (``[b, l, h, d]``, ``[b, h, l]``) into the selected part of (out, lse).
 
@@ -111,8 +131,7 @@ def merge_partial(
     l_i = l_i.transpose(1, 2).to(lse.dtype)
     l_old = sel.gather(lse)
     l_new = torch.logaddexp(l_old, l_i)
-    weight = torch.exp(l_i - l_new)
-    weight = torch.where(torch.isneginf(l_new), 0.0, weight)  # neither side saw a key: keep O
+    weight = torch.exp(l_i - l_new).nan_to_num_(nan=0.0)  # nan: neither side saw a key, keep O
     view = sel.view(out)
     target = view if view is not None else sel.gather(out)
     target.lerp_(o_i.to(out.dtype), weight[..., None])
@@ -136,12 +155,17 @@ def dilated_backward(
     max_call_elements: int = MAX_CALL_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact (dq, dk, dv) of the merged attention, given its output and log-sum-exp."""
+    # The first pattern's gradients are written, not added, when it covers every (position, head) and
+    # no key/value head is shared (GQA sums several query heads into one).
+    direct = _first_pattern_covers_all(tasks, q) and k.shape[2] == q.shape[2]
+    first = tasks[0].pattern if tasks else None
     acc = _grad_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
-    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    alloc = torch.empty if direct else torch.zeros
+    dq = alloc(q.shape, dtype=acc, device=q.device)
+    dk = alloc(k.shape, dtype=acc, device=k.device)
+    dv = alloc(v.shape, dtype=acc, device=v.device)
     dout = dout.to(q.dtype)
-    for task in _split(tasks, q, max_call_elements):
+    for task in _calls(tasks, q, k, max_call_elements):
         sel, kv = task.query, task.key_value
         grads = backend.backward(
             sel.gather(dout),
@@ -153,9 +177,10 @@ def dilated_backward(
             causal=causal,
             scale=scale,
         )
-        sel.add(dq, grads[0])
-        kv.add(dk, grads[1])
-        kv.add(dv, grads[2])
+        if direct and task.pattern == first:
+            sel.put(dq, grads[0]), kv.put(dk, grads[1]), kv.put(dv, grads[2])
+        else:
+            sel.add(dq, grads[0]), kv.add(dk, grads[1]), kv.add(dv, grads[2])
         del grads
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 

@@ -19,6 +19,22 @@ import torch
 from .config import DilatedAttentionConfig
 
 
+def add_at(dst: torch.Tensor, index: tuple[torch.Tensor, ...], value: torch.Tensor) -> None:
+    """``dst[index] += value`` for ``[B, N, H, ...]`` ``dst``, repeated entries summed.
+
+    ``index`` (batch, row, head) broadcasts to ``value.shape[:3]``. A contiguous ``dst`` takes one
+    ``index_add_`` over its flattened rows (atomic adds, no sort); otherwise ``index_put_`` accumulates.
+    """
+    value = value.to(dst.dtype)
+    if not dst.is_contiguous():
+        dst.index_put_(index, value, accumulate=True)
+        return
+    b, r, h = torch.broadcast_tensors(*index)
+    flat = (b * dst.shape[1] + r) * dst.shape[2] + h
+    inner = dst.shape[3:]
+    dst.view(-1, *inner).index_add_(0, flat.reshape(-1), value.reshape(-1, *inner))
+
+
 @dataclass(frozen=True)
 class RowBlock:
     """Local rows ``start + s * segment_stride + j * step`` for s < num_segments, j < length."""
@@ -109,7 +125,10 @@ class Selection:
             return
         rows, heads = self._index(dst)
         index = (torch.arange(dst.shape[0], device=dst.device)[:, None, None, None], rows[None], heads[None])
-        dst.index_put_(index, value.to(dst.dtype), accumulate=accumulate)
+        if accumulate:
+            add_at(dst, index, value)
+        else:
+            dst.index_put_(index, value.to(dst.dtype))
 
     def put(self, dst: torch.Tensor, value: torch.Tensor) -> None:
         """Overwrite the selected part of ``dst`` with ``value`` (the inverse of :meth:`gather`)."""

@@ -9,9 +9,11 @@ swaps CUDA generator states. On a CPU-only machine every one of them raises.
 :func:`enable_cpu_megatron` makes those calls mean "the CPU" instead, without copying or forking any
 Megatron code:
 
-* a process-wide :class:`torch.overrides.TorchFunctionMode` rewrites any non-CPU ``device`` argument
+* a :class:`torch.overrides.TorchFunctionMode`, pushed on the calling thread (call the function again
+  from any other thread that runs Megatron code), rewrites any non-CPU ``device`` argument
   (``"cuda"``, ``cuda:N``, a bare integer index) of tensor factories and of ``Tensor.to`` to ``"cpu"``,
-  turns ``Tensor.cuda()`` into ``Tensor.cpu()`` and drops ``pin_memory`` (which needs CUDA);
+  makes ``Tensor.cuda()`` and ``Tensor.pin_memory()`` return the tensor itself and drops
+  ``pin_memory=True`` arguments (pinned memory needs CUDA);
 * Megatron's batched pipeline p2p (``batch_p2p_comm=True``, the default) goes through its unbatched
   path, whose message order gloo matches correctly (see :func:`_unbatched_p2p_ops`);
 * ``torch.cuda.current_device`` returns ``torch.device("cpu")``, and ``torch.cuda.synchronize`` /
@@ -46,7 +48,6 @@ from torch.overrides import TorchFunctionMode
 _STATE_LOCK = threading.Lock()
 _ENABLED_THREADS: set[int] = set()
 _PATCHED = False
-_TENSOR_METHODS_WITH_DEVICE = {"to", "new_empty", "new_zeros", "new_ones", "new_full", "new_tensor"}
 
 
 def _is_foreign_device(device: Any) -> bool:
@@ -68,14 +69,14 @@ class _CudaToCpuMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105 - torch protocol
         kwargs = dict(kwargs or {})
         name = getattr(func, "__name__", "")
-        if name == "cuda":
-            # Tensor.cuda(device=None, non_blocking=False, memory_format=...): the tensor is already here.
+        if name in ("cuda", "pin_memory"):
+            # Tensor.cuda(...) / Tensor.pin_memory(): the tensor is already where it can be.
             return args[0]
         if _is_foreign_device(kwargs.get("device")):
             kwargs["device"] = "cpu"
         if kwargs.get("pin_memory"):
             kwargs["pin_memory"] = False
-        if name in _TENSOR_METHODS_WITH_DEVICE and len(args) > 1 and _is_foreign_device(args[1]):
+        if name == "to" and len(args) > 1 and _is_foreign_device(args[1]):  # Tensor.to("cuda", ...)
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)
 

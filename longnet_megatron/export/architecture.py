@@ -183,3 +183,53 @@ def export_args(record: dict[str, Any], padded_vocab_size: int, eos_token_id: in
         attention_backend=record.get("attention_backend", "auto"),
         eos_token_id=eos_token_id,
     )
+
+
+def record_from_training_metadata(meta: dict[str, Any], where: str) -> dict[str, Any]:
+    """The record of a checkpoint written by ``longnet_megatron.train`` (its ``longnet.json``).
+
+    The trainer saves the preset name, the architecture overrides and every layer's patterns; the
+    remaining TransformerConfig fields are ``make_longnet_config``'s defaults, which the trainer
+    does not override for anything that changes the network's arithmetic.
+    """
+    if RECORD_KEY in meta:
+        return check_record(meta[RECORD_KEY], where)
+    from longnet_megatron.model import get_preset, make_longnet_config
+
+    try:
+        m = meta["model"]
+        patterns = m.get("dilated_attention") or {}
+        default = patterns.get("default") or {
+            "segment_lengths": m["segment_lengths"],
+            "dilation_rates": m["dilation_rates"],
+        }
+        preset = get_preset(m["preset"]).replace(
+            num_layers=m["num_layers"],
+            hidden_size=m["hidden_size"],
+            num_attention_heads=m["num_attention_heads"],
+            num_query_groups=m.get("num_query_groups"),
+            ffn_hidden_size=m.get("ffn_hidden_size"),
+            seq_length=m["seq_length"],
+            vocab_size=m["vocab_size"],
+            tie_embeddings=m.get("tie_embeddings", True),
+            rotary_base=m.get("rotary_base", 10000),
+            dilated_attention=DilatedAttentionConfig.from_dict(default),
+        )
+        per_layer = patterns.get("per_layer")
+        if per_layer and all(p == default for p in per_layer):
+            per_layer = None
+        config = make_longnet_config(
+            preset, dilated_attention_per_layer=per_layer, attention_backend_name=patterns.get("backend", "auto")
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConversionError(f"{where}: model description unreadable ({type(e).__name__}: {e})", "foreign") from e
+    record = model_record(preset, config, meta.get("tokenizer"))
+    parallel = meta.get("parallel", {})
+    record["layout"] = {
+        "tp": parallel.get("tensor", 1),
+        "pp": parallel.get("pipeline", 1),
+        "cp": parallel.get("context", 1),
+        "vpp": parallel.get("virtual_pipeline"),
+    }
+    record["padded_vocab_size"] = m.get("padded_vocab_size", record["padded_vocab_size"])
+    return record

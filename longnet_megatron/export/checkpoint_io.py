@@ -1,10 +1,14 @@
 """Megatron dist checkpoints of LongNet models: find, verify, read the record, load into any layout, save.
 
-A run directory holds one checkpoint per saved iteration and a ``latest`` marker::
+A checkpoint directory holds one checkpoint per saved iteration and a ``latest`` marker, as the
+trainer writes them (``longnet_megatron.train.checkpoint``)::
 
-    run_dir/latest                 "iter_0000100" (Megatron-LM's latest_checkpointed_iteration.txt
-    run_dir/iter_0000100/          with a bare number is read too)
+    run_dir/checkpoints/latest                 "iter_0000100" (Megatron-LM's
+    run_dir/checkpoints/iter_0000100/          latest_checkpointed_iteration.txt is read too)
         metadata.json  common.pt  .metadata  __0_0.distcp ...   (megatron.core.dist_checkpointing)
+        longnet.json                           step, config, model description, tokenizer
+
+Any of ``run_dir``, ``run_dir/checkpoints`` or ``run_dir/checkpoints/iter_0000100`` can be given.
 
 Tensors are stored under layout-independent keys with their global shapes, so a checkpoint saved
 with any TP / PP / CP / DP layout loads into a model built with any other: this module builds the
@@ -27,10 +31,17 @@ from typing import Any
 
 import torch
 
-from longnet_megatron.export.architecture import RECORD_KEY, check_record, rebuild_config
+from longnet_megatron.export.architecture import (
+    RECORD_KEY,
+    check_record,
+    rebuild_config,
+    record_from_training_metadata,
+)
 from longnet_megatron.export.errors import ConversionError
 
 LATEST_MARKERS = ("latest", "latest_checkpointed_iteration.txt")
+CHECKPOINTS_SUBDIR = "checkpoints"  # the trainer's default checkpoint.dir inside a run directory
+METADATA_FILE = "longnet.json"  # the trainer's per-checkpoint description
 # Top-level names of model tensors in a GPTModel's sharded state dict (optimizer keys differ).
 _MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 
@@ -49,6 +60,8 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
         raise ConversionError(f"{path} is a file, not a Megatron dist checkpoint directory", "foreign")
     if (path / "metadata.json").exists():
         return path
+    if not any((path / m).is_file() for m in LATEST_MARKERS) and (path / CHECKPOINTS_SUBDIR).is_dir():
+        path = path / CHECKPOINTS_SUBDIR
     for marker in LATEST_MARKERS:
         marker_path = path / marker
         if marker_path.is_file():
@@ -118,8 +131,23 @@ def read_common(ckpt: Path) -> dict[str, Any]:
 
 
 def read_record(ckpt: Path) -> dict[str, Any]:
-    """The model record saved with a checkpoint (verified)."""
-    return check_record(read_common(ckpt).get(RECORD_KEY), str(ckpt))
+    """The model record of a checkpoint: from its ``longnet.json`` (the trainer's description, or the
+    record this package writes there), else from its common state."""
+    meta_path = ckpt / METADATA_FILE
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError as e:
+            raise ConversionError(f"{meta_path} is not valid JSON ({e}): truncated?", "truncated") from e
+        return record_from_training_metadata(meta, str(meta_path))
+    record = read_common(ckpt).get(RECORD_KEY)
+    if record is None:
+        raise ConversionError(
+            f"{ckpt}: a Megatron dist checkpoint without {METADATA_FILE} or a LongNet model record: "
+            "not saved by longnet-megatron (foreign checkpoint)",
+            "foreign",
+        )
+    return check_record(record, str(ckpt))
 
 
 def open_checkpoint(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
@@ -271,8 +299,9 @@ def save_checkpoint(
 ) -> Path:
     """Save this rank's model chunks as ``run_dir/iter_N`` (collective) and point ``latest`` at it.
 
-    The record is rewritten with the current layout. Weights only: no optimizer, scheduler or RNG
-    state, so training resumed from it starts a fresh optimizer.
+    ``run_dir`` plays the trainer's ``checkpoint.dir``. The record is rewritten with the current layout
+    and also written to ``iter_N/longnet.json``. Weights only: no optimizer, scheduler or RNG state,
+    so training started from it starts a fresh optimizer.
     """
     import torch.distributed as dist
     from megatron.core import dist_checkpointing, parallel_state
@@ -296,6 +325,14 @@ def save_checkpoint(
     dist_checkpointing.save(state, str(ckpt))
     dist.barrier()
     if rank == 0:
+        description = {
+            "step": iteration,
+            "format": "megatron.core.dist_checkpointing",
+            "weights_only": True,
+            "tokenizer": record.get("tokenizer"),
+            RECORD_KEY: record,
+        }
+        (ckpt / METADATA_FILE).write_text(json.dumps(description, indent=2) + "\n")
         tmp = run_dir / ".latest.tmp"
         tmp.write_text(ckpt.name + "\n")
         tmp.replace(run_dir / LATEST_MARKERS[0])

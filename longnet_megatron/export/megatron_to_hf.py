@@ -116,6 +116,7 @@ def write_hf_folder(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
+        staging.chmod(0o755)
         if record.get("tokenizer") is not None:
             tokenizer = write_tokenizer(staging, record["tokenizer"], args.max_position_embeddings)
             args.eos_token_id = tokenizer.eod_id
@@ -133,6 +134,8 @@ def write_hf_folder(
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         for name in MODEL_CODE:
             shutil.copyfile(HF_MODEL_DIR / name, staging / name)
+        for file in staging.iterdir():
+            file.chmod(0o644)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)

@@ -81,10 +81,9 @@ class DilatedCoreAttention(MegatronModule):
         tp_size = self.tp_group.size()
         self.num_heads_per_partition = divide(config.num_attention_heads, tp_size)
         self.head_offset = self.tp_group.rank() * self.num_heads_per_partition
-        head_dim = divide(config.kv_channels * config.num_attention_heads, config.num_attention_heads)
         # apply_query_key_layer_scaling only changes where fp16 scaling happens (the product stays
         # softmax_scale), so the scale Megatron means is softmax_scale or 1/sqrt(head_dim).
-        scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
         self.dilated_config = dataclasses.replace(
             config.dilated_config_for_layer(self.layer_number),
             causal=_CAUSALITY[attn_mask_type],

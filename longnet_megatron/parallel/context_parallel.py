@@ -27,6 +27,7 @@ import torch.distributed as dist
 from longnet_megatron.attention.backends import AttentionBackend, get_backend
 from longnet_megatron.attention.config import DilatedAttentionConfig
 from longnet_megatron.attention.function import dilated_backward, dilated_forward, merge_partial
+from longnet_megatron.attention.indexing import RowBlock, Selection
 
 from .exchange import PendingExchange, ensure_communicator, start_exchange
 from .plan import ContextParallelPlan, CrossingSegment, OffsetExchange, plan_context_parallel
@@ -76,6 +77,12 @@ def _cached_plan(
     )
 
 
+@lru_cache(maxsize=256)
+def _index(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A cached int64 index tensor (GQA head maps), so steady-state steps make no host-to-device copies."""
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
 def _own_message(seg: CrossingSegment, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """This rank's selected k and v rows of ``seg``, flat, in the layout of :meth:`CrossingSegment.unpack`."""
     parts = []
@@ -98,8 +105,10 @@ def _remote_keys(
             continue
         k, v = (torch.cat([p[j] for p in pieces], dim=1) for j in (0, 1))
         if off.expand is not None:
-            index_t = torch.tensor(off.expand, device=k.device)
-            k, v = k.index_select(2, index_t), v.index_select(2, index_t)
+            k, v = (
+                k.index_select(2, _index(off.expand, k.device)),
+                v.index_select(2, _index(off.expand, k.device)),
+            )
         result.append((k, v))
     return result
 
@@ -109,7 +118,22 @@ def _fold_heads(grad: torch.Tensor, off: OffsetExchange) -> torch.Tensor:
     if off.expand is None:
         return grad
     out = grad.new_zeros((*grad.shape[:2], off.kv_heads, grad.shape[3]))
-    return out.index_add_(2, torch.tensor(off.expand, device=grad.device), grad)
+    return out.index_add_(2, _index(off.expand, grad.device), grad)
+
+
+def _merge_remote(
+    out: torch.Tensor, lse: torch.Tensor, sel: Selection, o_r: torch.Tensor, l_r: torch.Tensor
+) -> None:
+    """``merge_partial`` of one remote call, in the log-sum-exp's precision on the selected rows only.
+
+    ``dilated_forward`` returns the output in q's dtype; folding the remote keys in on a float32 copy
+    of just these rows rounds once (like the single-rank path) without a full-size float32 buffer.
+    """
+    acc_out, acc_lse = sel.gather(out).to(lse.dtype), sel.gather(lse)
+    rows = acc_out.shape[1]
+    merge_partial(acc_out, acc_lse, Selection(RowBlock(0, 1, rows, rows, 1), slice(None)), o_r, l_r)
+    sel.put(out, acc_out)
+    sel.put(lse, acc_lse)
 
 
 def _tag(seg: CrossingSegment) -> int:
@@ -210,7 +234,7 @@ class ContextParallelDilatedAttention(torch.autograd.Function):
             for off, kv in zip(seg.offsets, _remote_keys(seg, messages, batch, head_dim)):
                 if kv is not None:
                     o_r, l_r = backend.forward(off.query.gather(q), *kv, causal=False, scale=scale)
-                    merge_partial(out, lse, off.query, o_r, l_r)
+                    _merge_remote(out, lse, off.query, o_r, l_r)
         ctx.save_for_backward(q, k, v, out, lse, *buffers)
         ctx.plan, ctx.backend, ctx.group, ctx.stats = plan, backend, group, stats
         ctx.causal, ctx.scale = causal, scale

@@ -12,13 +12,14 @@ awkward. ``batch_isend_irecv`` coalesces the messages into one NCCL group call.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-_READY_GROUPS: set[int] = set()
+_READY_GROUPS: weakref.WeakSet[dist.ProcessGroup] = weakref.WeakSet()
 
 
 @dataclass
@@ -43,10 +44,9 @@ def ensure_communicator(group: dist.ProcessGroup, device: torch.device) -> None:
     NCCL requires every rank of a group to take part in the group's first call, and point-to-point
     calls involve only some ranks; a one-time all-reduce creates the communicator on all of them.
     """
-    key = id(group)
-    if key not in _READY_GROUPS:
+    if group not in _READY_GROUPS:
         dist.all_reduce(torch.zeros(1, device=device), group=group)
-        _READY_GROUPS.add(key)
+        _READY_GROUPS.add(group)
 
 
 def start_exchange(

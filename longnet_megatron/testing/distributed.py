@@ -10,9 +10,9 @@ process per rank::
     results = run_distributed(check, world_size=2, layout=ParallelLayout(tp=2), args=(3,))
     # results[r] is what rank r returned
 
-Each process initialises gloo on a free local port, calls
-:func:`longnet_megatron.compat.enable_cpu_megatron`, initialises Megatron's ``parallel_state`` with the
-given layout, seeds Megatron's model-parallel RNG, runs the function and sends back its result
+Each process initialises gloo on a free local port and, given a layout, calls
+:func:`longnet_megatron.compat.enable_cpu_megatron`, initialises Megatron's ``parallel_state`` with it
+and seeds Megatron's model-parallel RNG; then it runs the function and sends back its result
 (anything ``torch.save`` can write: tensors, dicts, lists, numbers). A failing rank's exception comes
 back as :class:`DistributedWorkerError` carrying that rank's traceback; a hung group is killed after
 ``timeout_s``.
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import io
 import multiprocessing as mp
-import os
 import queue
 import socket
 import time
@@ -114,8 +113,6 @@ def _worker(
     import torch.distributed as dist
 
     torch.set_num_threads(threads)
-    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    parallel_state = None
     try:
         dist.init_process_group(
             "gloo",
@@ -124,20 +121,20 @@ def _worker(
             world_size=world_size,
             timeout=timedelta(seconds=120),
         )
-        from longnet_megatron.compat import enable_cpu_megatron
-
-        enable_cpu_megatron()
         torch.manual_seed(seed)
         if layout is not None:
-            from megatron.core import parallel_state
+            from longnet_megatron.compat import enable_cpu_megatron
 
+            enable_cpu_megatron()
             initialize_megatron_parallel(layout, seed)
         payload = (rank, True, _to_bytes(fn(*args, **kwargs)))
     except BaseException:  # noqa: BLE001 - everything goes back to the parent with its traceback
         payload = (rank, False, traceback.format_exc())
     results.put(payload)
     try:
-        if parallel_state is not None:
+        if layout is not None:
+            from megatron.core import parallel_state
+
             parallel_state.destroy_model_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -159,8 +156,8 @@ def run_distributed(
     """Run ``fn(*args, **kwargs)`` on ``world_size`` gloo ranks and return the per-rank results.
 
     ``fn`` must be picklable (a module-level function); so must ``args`` and ``kwargs``. ``layout``
-    gives Megatron's tp/pp/cp/vpp sizes (``None``: only torch.distributed is initialised, no Megatron
-    parallel state). Raises :class:`DistributedWorkerError` with the first failing rank's traceback,
+    gives Megatron's tp/pp/cp/vpp sizes; ``None`` initialises only torch.distributed (no Megatron
+    import, no CPU shim: the rank starts in about a second). Raises :class:`DistributedWorkerError` with the first failing rank's traceback,
     or when a rank dies without reporting, or after ``timeout_s`` seconds.
     """
     if layout is not None and world_size % layout.model_parallel_size():

@@ -1,10 +1,11 @@
-"""Cutting large tasks into several kernel calls (memory bound at long lengths) changes no result."""
+"""Cutting large tasks into several kernel calls, or packing small ones into one, changes no result."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from longnet_megatron.attention import function, packing
 from longnet_megatron.attention.backends import ReferenceBackend
 from longnet_megatron.attention.function import dilated_backward, dilated_forward
 from longnet_megatron.attention.indexing import plan_tasks, split_task
@@ -12,8 +13,11 @@ from longnet_megatron.attention.indexing import plan_tasks, split_task
 from .cases import NAMED_CASES
 
 
+@pytest.mark.parametrize("pack_below", [0, 1 << 30], ids=["unpacked", "packed"])
 @pytest.mark.parametrize("name", ["paper_ragged_causal", "n_multiple_of_largest", "gqa_offsets"])
-def test_split_calls_give_the_same_result(name):
+def test_split_calls_give_the_same_result(name, pack_below, monkeypatch):
+    monkeypatch.setattr(packing, "PACK_BELOW", pack_below)
+    monkeypatch.setattr(function, "_CALLS", {})
     case = NAMED_CASES[name]
     q, k, v, dout = case.tensors(torch.float64, seed=3)
     tasks = plan_tasks(

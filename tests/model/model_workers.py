@@ -1,10 +1,16 @@
-"""Functions the model tests run inside gloo ranks (module level so that spawn can pickle them).
+"""What the model tests run inside gloo ranks (module level so that spawn can pickle it).
 
-Each worker batches several checks into one process group, because starting processes that import
-Megatron costs seconds. Workers return plain tensors and dicts; the assertions live in the tests.
+Starting processes that import Megatron costs seconds, so ONE group of 4 ranks runs every check:
+first the TP=1/PP=1 references (each rank computes them from the same seed, so every rank holds the
+reference weights without sending them around), then each parallel layout in turn, re-initialising
+Megatron's parallel state in place. Each section's outcome is captured separately, so one failing
+layout fails only its own tests. The assertions live in the tests.
 """
 
 from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
 
 import torch
 from megatron.core import parallel_state
@@ -21,6 +27,8 @@ from longnet_megatron.model.state_dict import (
     tensors_only,
 )
 from longnet_megatron.testing import ParallelLayout, initialize_megatron_parallel
+
+WORLD = 4
 
 SEQ = 192  # not a multiple of 128 or 256: the tiny patterns end in partial segments
 BATCH = 2
@@ -112,9 +120,9 @@ def rotary_slices(seq: int = 64, cp: int = 4) -> dict:
 # ---------------------------------------------------------------- single rank: references and checks
 
 
-def single_rank_worker() -> dict:
-    """TP=1/PP=1 references for every case, plus the checks that need only one rank."""
-    out: dict = {"cases": {}}
+def reference_cases() -> dict:
+    """TP=1/PP=1 results of every case: logits, loss, grads, weights (and the schedule's for 'deep')."""
+    out = {}
     for name in CASES:
         torch.manual_seed(100)
         model = build_longnet_gpt(case_preset(name))
@@ -122,8 +130,13 @@ def single_rank_worker() -> dict:
         result["state"] = tensors_only(model.state_dict())
         if name == "deep":
             result["schedule"] = run_schedule([model])
-        out["cases"][name] = result
+        out[name] = result
+    return out
 
+
+def single_rank_checks() -> dict:
+    """Checks that need one rank: dense equivalence, per-layer patterns, scale, RoPE slice, CPU shim."""
+    out: dict = {}
     # Dense equivalence: one pattern with w >= N and r = 1 is dense causal attention.
     dense_preset = get_preset("tiny").replace(dilated_attention=DilatedAttentionConfig((256,), (1,)))
     for tag, preset in (("dense", dense_preset), ("dilated", get_preset("tiny"))):
@@ -177,6 +190,7 @@ def cpu_shim_checks() -> dict:
             torch.ones(2).cuda().device.type,
             torch.ones(2).to("cuda:0").device.type,
             torch.tensor([1], pin_memory=True).device.type,
+            torch.ones(1).pin_memory().device.type,
         ],
         "tracker": type(tracker).__name__,
         "fork_differs": not torch.equal(forked, expected_default),
@@ -197,12 +211,12 @@ def load_full_state(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> No
     model.load_state_dict(select_pipeline_stage(shard, model), strict=True)
 
 
-def tensor_parallel_worker(references: dict) -> dict:
+def tensor_parallel_checks(references: dict) -> dict:
     """Every TP case on the reference weights; plus one run with a wrong (local) head offset."""
     out = {}
     for name in ("mha", "gqa2", "gqa1"):
         model = build_longnet_gpt(case_preset(name))
-        load_full_state(model, references[name])
+        load_full_state(model, references[name]["state"])
         out[name] = forward_backward_direct(model)
         out[name]["heads"] = [
             (a.core_attention.head_offset, a.core_attention.num_heads_per_partition)
@@ -220,7 +234,8 @@ def tensor_parallel_worker(references: dict) -> dict:
 
 def _loss_func(output_tensor: torch.Tensor):
     loss = output_tensor.float().mean()
-    return loss, {"loss": loss.detach()}
+    # clone: the schedule scales the returned loss in place by 1 / num_microbatches.
+    return loss, {"loss": loss.detach().clone()}
 
 
 def _forward_step(data_iterator, model):
@@ -266,15 +281,47 @@ def build_stage_chunks(preset, full_state: dict) -> list[torch.nn.Module]:
     return chunks
 
 
-def pipeline_worker(full_state: dict, layouts: list[ParallelLayout]) -> dict:
-    """For each layout (same world): the schedule's loss and this rank's gradients (TP-merged later)."""
-    out = {}
-    for layout in layouts:
+def pipeline_checks(references: dict) -> dict:
+    """The schedule's loss and this rank's gradients (global layer names, TP-sharded) for 'deep'."""
+    chunks = build_stage_chunks(case_preset("deep"), references["deep"]["state"])
+    result = run_schedule(chunks)
+    result["layers"] = [[layer.layer_number - 1 for layer in c.decoder.layers] for c in chunks]
+    return result
+
+
+# ---------------------------------------------------------------- the whole suite in one group
+
+LAYOUTS: dict[str, tuple[ParallelLayout, Callable[[dict], dict]]] = {
+    "tp2": (ParallelLayout(tp=2), tensor_parallel_checks),
+    "pp2": (ParallelLayout(pp=2), pipeline_checks),
+    "pp2_vpp2": (ParallelLayout(pp=2, vpp=2), pipeline_checks),
+    "tp2_pp2": (ParallelLayout(tp=2, pp=2), pipeline_checks),
+}
+
+
+def _section(fn, *args) -> dict:
+    """Run one group of checks; keep its result or its traceback."""
+    try:
+        return {"ok": True, "value": fn(*args)}
+    except Exception:  # noqa: BLE001 - reported to the test that owns this section
+        return {"ok": False, "error": traceback.format_exc()}
+
+
+def model_suite_worker() -> dict:
+    """All model checks on this rank of a 4-rank group (started with TP = PP = 1, DP = 4)."""
+    out = {"references": _section(reference_cases)}
+    if torch.distributed.get_rank() == 0:
+        out["single"] = _section(single_rank_checks)
+    references = out["references"].get("value")
+    for key, (layout, checks) in LAYOUTS.items():
+        if references is None:
+            out[key] = {"ok": False, "error": "the references failed:\n" + out["references"]["error"]}
+            continue
         initialize_megatron_parallel(layout)
-        chunks = build_stage_chunks(case_preset("deep"), full_state)
-        result = run_schedule(chunks)
-        result["tp_rank"] = parallel_state.get_tensor_model_parallel_rank()
-        result["pp_rank"] = parallel_state.get_pipeline_model_parallel_rank()
-        result["layers"] = [[layer.layer_number - 1 for layer in c.decoder.layers] for c in chunks]
-        out[f"pp{layout.pp}_vpp{layout.vpp}_tp{layout.tp}"] = result
+        out[key] = _section(checks, references)
+        out[key]["coords"] = {
+            "tp": parallel_state.get_tensor_model_parallel_rank(),
+            "pp": parallel_state.get_pipeline_model_parallel_rank(),
+            "dp": parallel_state.get_data_parallel_rank(),
+        }
     return out

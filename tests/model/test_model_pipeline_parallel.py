@@ -7,13 +7,12 @@ last stage's (output layer) parts, as Megatron's finalize_model_grads would all-
 
 from __future__ import annotations
 
-import model_workers as workers
 import pytest
 import torch
-from conftest import assert_close, assert_grads_match
 
 from longnet_megatron.model.state_dict import merge_tensor_parallel_shards
-from longnet_megatron.testing import ParallelLayout, run_distributed
+
+from .checks import assert_close, assert_grads_match, layout_results
 
 pytestmark = pytest.mark.slow
 
@@ -23,8 +22,8 @@ EMBEDDING, OUTPUT = "embedding.word_embeddings.weight", "output_layer.weight"
 def unshard_pipeline_grads(ranks: list[dict]) -> dict[str, torch.Tensor]:
     """Rank results of one layout -> one unsharded gradient dict with tied embeddings summed."""
     by_stage: dict[int, list[dict]] = {}
-    for r in sorted(ranks, key=lambda r: (r["pp_rank"], r["tp_rank"])):
-        by_stage.setdefault(r["pp_rank"], []).append(r["grads"])
+    for r in sorted(ranks, key=lambda r: (r["pp"], r["tp"])):
+        by_stage.setdefault(r["pp"], []).append(r["grads"])
     grads: dict[str, torch.Tensor] = {}
     for stage_grads in by_stage.values():
         for name, grad in merge_tensor_parallel_shards(stage_grads).items():
@@ -34,24 +33,7 @@ def unshard_pipeline_grads(ranks: list[dict]) -> dict[str, torch.Tensor]:
     return grads
 
 
-@pytest.fixture(scope="module")
-def pp2(references):
-    layouts = [ParallelLayout(pp=2), ParallelLayout(pp=2, vpp=2)]
-    return run_distributed(
-        workers.pipeline_worker, 2, layout=layouts[0], args=(references["deep"]["state"], layouts)
-    )
-
-
-@pytest.fixture(scope="module")
-def tp2pp2(references):
-    layouts = [ParallelLayout(tp=2, pp=2)]
-    return run_distributed(
-        workers.pipeline_worker, 4, layout=layouts[0], args=(references["deep"]["state"], layouts)
-    )
-
-
-def check_layout(ranks: list[dict], key: str, reference: dict) -> None:
-    results = [r[key] for r in ranks]
+def check_layout(results: list[dict], key: str, reference: dict) -> None:
     last = [r for r in results if r["loss"] is not None]
     assert last, "no rank computed the loss"
     for r in last:
@@ -60,18 +42,27 @@ def check_layout(ranks: list[dict], key: str, reference: dict) -> None:
     assert_grads_match(unshard_pipeline_grads(results), reference["grads"], key)
 
 
-def test_pp2_matches_pp1(pp2, references):
-    check_layout(pp2, "pp2_vppNone_tp1", references["deep"]["schedule"])
-    assert [r["pp2_vppNone_tp1"]["layers"] for r in pp2] == [[[0, 1]], [[2, 3]]]
+def stage_layers(results: list[dict]) -> list:
+    """Global layer indices per pipeline rank (TP rank 0), per virtual chunk."""
+    return [r["layers"] for r in sorted(results, key=lambda r: r["pp"]) if r["tp"] == 0]
 
 
-def test_pp2_with_virtual_stages_matches_pp1(pp2, references):
-    check_layout(pp2, "pp2_vpp2_tp1", references["deep"]["schedule"])
-    assert [r["pp2_vpp2_tp1"]["layers"] for r in pp2] == [[[0], [2]], [[1], [3]]]
+def test_pp2_matches_pp1(suite, references):
+    results = layout_results(suite, "pp2")
+    assert stage_layers(results) == [[[0, 1]], [[2, 3]]]
+    check_layout(results, "pp2", references["deep"]["schedule"])
 
 
-def test_tp2_pp2_on_four_ranks_matches_single_rank(tp2pp2, references):
-    check_layout(tp2pp2, "pp2_vppNone_tp2", references["deep"]["schedule"])
+def test_pp2_with_virtual_stages_matches_pp1(suite, references):
+    results = layout_results(suite, "pp2_vpp2")
+    assert stage_layers(results) == [[[0], [2]], [[1], [3]]]
+    check_layout(results, "pp2_vpp2", references["deep"]["schedule"])
+
+
+def test_tp2_pp2_on_four_ranks_matches_single_rank(suite, references):
+    results = layout_results(suite, "tp2_pp2")
+    assert sorted((r["tp"], r["pp"]) for r in results) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    check_layout(results, "tp2_pp2", references["deep"]["schedule"])
 
 
 def test_schedule_reference_agrees_with_direct_backward(references):

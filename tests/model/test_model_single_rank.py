@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close, assert_grads_match
 
 from longnet_megatron.attention import DilatedAttentionConfig
+
+from .checks import assert_close, assert_grads_match
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +60,7 @@ def test_cpu_shim_maps_cuda_to_cpu_idempotently(single_rank):
     shim = single_rank["shim"]
     assert shim["enabled"]
     assert shim["stack"] == (1, 1)
-    assert shim["devices"] == ["cpu"] * 5
+    assert shim["devices"] == ["cpu"] * 6
 
 
 def test_cpu_shim_rng_tracker_forks_the_cpu_generator(single_rank):

@@ -8,6 +8,7 @@ import pickle
 
 import pytest
 import torch
+from megatron.core.config_logger import JSONEncoderWithMcoreTypes
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
 from longnet_megatron.attention import DilatedAttentionConfig
@@ -82,11 +83,13 @@ def test_per_layer_patterns_accept_dicts_and_fall_back_to_default():
     assert config.dilated_config_for_layer(2) == override
 
 
-def test_config_survives_deepcopy_pickle_and_json_export():
+def test_config_survives_deepcopy_pickle_megatron_logging_and_json_export():
     config = tiny_config(dilated_attention_per_layer=[DilatedAttentionConfig((32,), (1,)), None])
     for clone in (copy.deepcopy(config), pickle.loads(pickle.dumps(config))):
         assert clone.dilated_config_for_layer(1).patterns == ((32, 1),)
         assert clone.dilated_attention == config.dilated_attention
+    logged = json.loads(json.dumps(config, cls=JSONEncoderWithMcoreTypes))  # Megatron's config logger
+    assert logged["dilated_attention"] == config.dilated_attention.to_dict()
     exported = json.loads(json.dumps(config.dilated_patterns_dict()))
     assert [DilatedAttentionConfig.from_dict(d).patterns for d in exported["per_layer"]] == [
         ((32, 1),),

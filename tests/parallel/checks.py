@@ -38,6 +38,7 @@ class CPCase:
     head_offset: int = 0
     base: int = 0
     oracle: bool = True
+    dtype: torch.dtype = torch.float32
 
     @property
     def config(self) -> DilatedAttentionConfig:
@@ -90,7 +91,8 @@ def check_attention(
     )
     tensors = _tensors(case, seed)
     q, k, v, dout = (
-        t[:, rows, heads].clone() for t, heads in zip(tensors, (q_heads, kv_heads, kv_heads, q_heads))
+        t[:, rows, heads].to(case.dtype, copy=True)
+        for t, heads in zip(tensors, (q_heads, kv_heads, kv_heads, q_heads))
     )
     q, k, v = (t.requires_grad_(True) for t in (q, k, v))
     out = dilated_attention(
@@ -120,15 +122,19 @@ def check_attention(
     return result
 
 
-def attention_checks(cases: list[CPCase], tp_size: int = 1) -> list[dict]:
-    """Run every case on this rank: CP over the world (tp_size=1) or over Megatron's CP group."""
-    if tp_size == 1:
-        group, tp_rank = dist.group.WORLD, 0
+def attention_checks(cases: list[CPCase], layout=None) -> list[dict]:
+    """Run every case on this rank: CP over the whole world, or over the CP group of a Megatron layout."""
+    if layout is None:
+        group, tp_rank, tp_size = dist.group.WORLD, 0, 1
     else:
         from megatron.core import parallel_state
 
+        from longnet_megatron.testing import initialize_megatron_parallel
+
+        initialize_megatron_parallel(layout)
         group = parallel_state.get_context_parallel_group()
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
     return [check_attention(case, group, tp_rank, tp_size, seed=i) for i, case in enumerate(cases)]
 
 
@@ -212,6 +218,7 @@ CP2_CASES = [
     CPCase("ragged_noncausal_base", 70, 6, 2, (5, 12, 30, 50), (1, 3, 7, 6), False, head_offset=6, base=9),
     CPCase("gqa_causal", 64, 8, 2, (8, 48, 100), (1, 4, 8), True, head_offset=4),
     CPCase("paper_rates", 96, 12, 12, (4, 8, 16, 32, 64), (1, 2, 4, 6, 12), True, oracle=False),
+    CPCase("bf16_large_patterns", 64, 4, 4, (8, 32, 64), (1, 2, 4), True, oracle=False, dtype=torch.bfloat16),
 ]
 CP4_CASES = [
     CPCase("small_patterns_local", 128, 4, 4, (8, 16, 32), (1, 2, 4), True),
@@ -231,19 +238,21 @@ BYTES_CASES = [
 ]
 
 
-def run_world(world_size: int) -> dict:
-    """Everything the tests check on ``world_size`` ranks, in one process group."""
-    from longnet_megatron.testing import ParallelLayout, initialize_megatron_parallel
+def run_all() -> dict:
+    """Everything the tests check, on 4 ranks in one process group (spawning ranks is the slow part).
 
-    results: dict = {}
-    if world_size == 2:
-        results["attention"] = attention_checks(CP2_CASES)
-        results["bytes"] = attention_checks(BYTES_CASES)
-        results["model"] = check_model(tp=1, cp=2)
-    else:
-        results["attention"] = attention_checks(CP4_CASES)
-        results["bytes"] = attention_checks(BYTES_CASES)
-        initialize_megatron_parallel(ParallelLayout(tp=2, cp=2))
-        results["tp_attention"] = attention_checks(TP2_CP2_CASES, tp_size=2)
-        results["model"] = check_model(tp=2, cp=2)
-    return results
+    CP = 2 runs as Megatron's layout cp=2 (two data-parallel replicas of a CP pair), CP = 4 over the
+    whole world, TP = 2 x CP = 2 as Megatron's layout tp=2, cp=2.
+    """
+    from longnet_megatron.testing import ParallelLayout
+
+    cp2 = ParallelLayout(cp=2)
+    return {
+        "cp4": attention_checks(CP4_CASES),
+        "bytes_cp4": attention_checks(BYTES_CASES),
+        "cp2": attention_checks(CP2_CASES, cp2),
+        "bytes_cp2": attention_checks(BYTES_CASES, cp2),
+        "tp2_cp2": attention_checks(TP2_CP2_CASES, ParallelLayout(tp=2, cp=2)),
+        "model_cp2": check_model(tp=1, cp=2),
+        "model_tp2_cp2": check_model(tp=2, cp=2),
+    }

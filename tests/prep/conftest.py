@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import gzip
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-warnings.filterwarnings("ignore", module="megatron")
 
 # Documents chosen to break naive handling: non-ASCII, emoji, CRLF, a literal end-of-text marker
 # (must stay text), leading/trailing whitespace, one long document.

@@ -10,6 +10,7 @@ views (no copy; strided selections stay views too) and results come back as view
 * cuDNN: log-sum-exp ``[b, h, l, 1]`` float32; the fastest on Hopper.
 * flash: log-sum-exp ``[b, h, l]`` float32.
 * efficient: log-sum-exp ``[b, h, ceil(l / 32) * 32]`` (padded); the only one taking float32 inputs.
+  It is the last resort: inputs are made contiguous for it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import UnsupportedInputError
+from .reference import ReferenceBackend
 
 aten = torch.ops.aten
 
@@ -32,6 +34,9 @@ _CAN_USE = {
     "efficient": "can_use_efficient_attention",
 }
 _HALF = (torch.float16, torch.bfloat16)
+# cuDNN rejects one-token sequences (a partial last segment can select a single row); those tiny calls
+# run in plain PyTorch instead.
+_SINGLE_ROW = ReferenceBackend()
 _DTYPES = {"cudnn": _HALF, "flash": _HALF, "efficient": (*_HALF, torch.float32)}
 
 
@@ -122,8 +127,12 @@ class SdpaBackend:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(out [b, l, h, d], lse [b, h, l] float32)`` of softmax(q k^T * scale) v."""
         kernel = self.select(q)
-        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         length = q.shape[1]
+        if kernel == "cudnn" and length == 1:
+            return _SINGLE_ROW.forward(q, k, v, causal=causal, scale=scale)
+        if kernel == "efficient":
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kernel == "cudnn":
             res = aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, True, 0.0, causal, scale=scale)
             out, lse = res[0], res[1].view(q.shape[0], q.shape[2], length)
@@ -150,6 +159,11 @@ class SdpaBackend:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(dq, dk, dv)`` given the merged ``out`` and ``lse`` (``[b, h, l]``)."""
         kernel = self.select(q)
+        b, length, h = q.shape[:3]
+        if kernel == "cudnn" and length == 1:
+            return _SINGLE_ROW.backward(dout, q, k, v, out, lse, causal=causal, scale=scale)
+        if kernel == "efficient":
+            dout, q, k, v, out = (t.contiguous() for t in (dout, q, k, v, out))
         rng = self._rng_state(kernel, q)
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         # The kernels read dO in O's layout; both come from one selection, so this is normally a view.
@@ -157,21 +171,19 @@ class SdpaBackend:
         dot = dout.transpose(1, 2)
         if dot.stride() != ot.stride():
             dot = torch.empty_like(ot).copy_(dot)
-        b, length, h = q.shape[:3]
-        lse = lse.to(torch.float32)
-        if kernel == "cudnn":
-            lse = lse.contiguous().view(b, h, length, 1)
+        if kernel == "cudnn":  # a fresh [b, h, l, 1] buffer: cuDNN checks every stride of it
+            lse = torch.empty((b, h, length, 1), dtype=torch.float32, device=q.device).copy_(lse[..., None])
             grads = aten._scaled_dot_product_cudnn_attention_backward(
                 dot, qt, kt, vt, ot, lse, rng.seed, rng.offset, None, None, None, length, length,
                 0.0, causal, scale=scale,
             )  # fmt: skip
         elif kernel == "flash":
             grads = aten._scaled_dot_product_flash_attention_backward(
-                dot, qt, kt, vt, ot, lse.contiguous(), None, None, length, length, 0.0, causal,
+                dot, qt, kt, vt, ot, lse.float().contiguous(), None, None, length, length, 0.0, causal,
                 rng.seed, rng.offset, scale=scale,
             )  # fmt: skip
         else:
-            padded = lse.new_zeros(b, h, -(-length // 32) * 32)
+            padded = torch.zeros((b, h, -(-length // 32) * 32), dtype=torch.float32, device=q.device)
             padded[..., :length] = lse
             grads = aten._scaled_dot_product_efficient_attention_backward(
                 dot, qt, kt, vt, None, ot, padded, rng.seed, rng.offset, 0.0, [True, True, True, False],

@@ -1,0 +1,1 @@
+"""Tests of the LongNet model on Megatron-Core (TP, PP, specs, presets, CPU shim)."""
