@@ -11,7 +11,7 @@ shared/gpu/README.md).
 
     python tools/bench_attention.py                                  # the full sweep
     python tools/bench_attention.py --n 131072 --sets geometric --backends sdpa-cudnn --head-dims 128
-    python tools/bench_attention.py --render benchmarks/a.json benchmarks/b.json   # merge, rewrite .md
+    python tools/bench_attention.py --render a.json b.json   # merge runs into --out-json and --out-md
 
 Pattern sets: ``geometric`` w = 2048 * 2^k, r = 2^k, k = 0..4; ``paper`` w = 2048..32768,
 r = (1, 2, 4, 6, 12); ``fullrange`` k = 0 .. up to w = N (grows with N, the paper's scaling figure).
@@ -204,23 +204,26 @@ def _print_row(row: dict) -> None:
     )
 
 
-def render_markdown(meta: dict, rows: list[dict]) -> str:
-    """A markdown report: how it was run, then one table per head size and pattern set."""
+def render_markdown(runs: list[dict], rows: list[dict]) -> str:
+    """A markdown report: how each run was made, then one table per head size and pattern set."""
     dense = {
         (r["head_dim"], r["n"]): r
         for r in rows
         if r.get("backend") == "dense-cudnn" and r.get("status") == "ok"
     }
-    lines = [
-        "# Dilated attention benchmark",
-        "",
-        f"* device: {meta['device']}; date: {meta['date']}; torch {meta['torch']}, cuDNN {meta['cudnn']}, "
-        f"Transformer Engine {meta.get('transformer_engine') or 'not installed'}",
-        f"* batch 1, {meta['heads']} heads, {meta['dtype']}, causal; time = median of CUDA-event timings",
+    lines = ["# Dilated attention benchmark", ""]
+    for meta in runs:
+        lines.append(
+            f"* run: {meta['device']}, {meta['date']}; torch {meta['torch']}, cuDNN {meta['cudnn']}, "
+            f"Transformer Engine {meta.get('transformer_engine') or 'not installed'}; "
+            f"`{meta['command']}`"
+        )
+    lines += [
+        f"* batch 1, {runs[0]['heads']} heads, {runs[0]['dtype']}, causal; time = median of CUDA-event timings",
         "* useful TFLOP/s: per head and pattern (N/r) queries x (min(w,N)/r) keys, causal halves, x3.5 for fwd+bwd",
         "* peak = torch.cuda.max_memory_allocated during one fwd+bwd, inputs (q, k, v, dout) included",
-        "* speedup = dense causal cuDNN attention fwd+bwd time / this fwd+bwd time, same N and process",
-        f"* command: `{meta['command']}`",
+        "* vs dense = dense causal cuDNN attention (PyTorch SDPA) fwd+bwd time / this fwd+bwd time, "
+        "same N, same process",
         "",
     ]
     groups: dict[tuple, list[dict]] = {}
@@ -261,10 +264,14 @@ def _versions() -> dict:
         te = transformer_engine.__version__
     except Exception:  # noqa: BLE001 - any failure means "not available"
         te = None
+    try:  # TE's own cuDNN libraries can make PyTorch's version check fail; the kernels still run
+        cudnn = torch.backends.cudnn.version()
+    except RuntimeError as err:
+        cudnn = f"unavailable to torch ({str(err)[:80]})"
     return {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
         "torch": torch.__version__,
-        "cudnn": torch.backends.cudnn.version(),
+        "cudnn": cudnn,
         "transformer_engine": te,
     }
 
@@ -286,14 +293,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", action="store_true", help="print a profile of each fwd+bwd")
     p.add_argument("--out-json", default="benchmarks/attention.json")
     p.add_argument("--out-md", default="benchmarks/attention.md")
-    p.add_argument("--render", nargs="+", metavar="JSON", help="only merge these result files into --out-md")
+    p.add_argument(
+        "--render", nargs="+", metavar="JSON", help="only merge these runs into --out-json/--out-md"
+    )
     args = p.parse_args(argv)
 
     if args.render:
         docs = [json.loads(Path(f).read_text()) for f in args.render]
-        meta = dict(docs[0]["meta"], command=" ; ".join(d["meta"]["command"] for d in docs))
+        runs = [run for d in docs for run in d.get("runs", [d.get("meta")])]
         rows = [r for d in docs for r in d["rows"]]
-        Path(args.out_md).write_text(render_markdown(meta, rows))
+        Path(args.out_md).write_text(render_markdown(runs, rows))
+        merged = {"runs": runs, "rows": rows}
+        Path(args.out_json).write_text(json.dumps(merged, indent=1))
         return
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention needs a CUDA device")
@@ -309,8 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = sweep(args)
     for path in (args.out_json, args.out_md):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out_json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    Path(args.out_md).write_text(render_markdown(meta, rows))
+    Path(args.out_json).write_text(json.dumps({"runs": [meta], "rows": rows}, indent=1))
+    Path(args.out_md).write_text(render_markdown([meta], rows))
 
 
 def _usable(name: str) -> bool:

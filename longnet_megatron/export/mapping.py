@@ -95,7 +95,9 @@ def megatron_to_hf_state(megatron: StateDict, args: LongNetArgs) -> StateDict:
             else:
                 leftovers.append(name)
     if leftovers:
-        raise ValueError(f"Megatron tensors with no exported name (unsupported architecture?): {leftovers[:8]}")
+        raise ValueError(
+            f"Megatron tensors with no exported name (unsupported architecture?): {leftovers[:8]}"
+        )
     return out
 
 

@@ -98,8 +98,13 @@ class LongNetArgs:
         """From ``config.json`` (or a transformers config dict): unknown keys go to ``extra``."""
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in data.items() if k in names}
-        missing = sorted(f.name for f in dataclasses.fields(cls) if f.name in names - set(known)
-                         and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+        missing = sorted(
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name in names - set(known)
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        )
         if missing:
             raise ValueError(f"LongNet config is missing {missing}")
         return cls(**known)
@@ -286,4 +291,3 @@ def load_safetensors_folder(folder: str | Path) -> dict[str, torch.Tensor]:
 def num_parameters(model: nn.Module) -> int:
     """Distinct parameters (a tied embedding counts once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-

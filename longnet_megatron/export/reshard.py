@@ -23,6 +23,7 @@ from pathlib import Path
 
 from longnet_megatron.export.checkpoint_io import (
     build_models,
+    iteration_dir_name,
     load_weights,
     open_checkpoint,
     padded_vocab_size,
@@ -42,8 +43,23 @@ def reshard_here(source: str | os.PathLike, run_dir: str | os.PathLike, iteratio
     return save_checkpoint(models, run_dir, record, iteration)
 
 
-def _reshard_rank(source: str, run_dir: str, iteration: int | None) -> str:
-    return str(reshard_here(source, run_dir, iteration))
+def _reshard_rank(
+    local_rank: int, world_size: int, port: int, layout, source: str, run_dir: str, iteration: int | None
+) -> None:
+    import torch.distributed as dist
+
+    from longnet_megatron.compat import enable_cpu_megatron
+    from longnet_megatron.testing import initialize_megatron_parallel
+
+    enable_cpu_megatron()
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=local_rank, world_size=world_size
+    )
+    try:
+        initialize_megatron_parallel(layout)
+        reshard_here(source, run_dir, iteration)
+    finally:
+        dist.destroy_process_group()
 
 
 def reshard_cpu(
@@ -54,26 +70,32 @@ def reshard_cpu(
     pp: int = 1,
     vpp: int | None = None,
     iteration: int | None = None,
-    timeout_s: float = 1800.0,
 ) -> Path:
     """Reshard with ``tp * pp`` gloo processes on this machine (the CPU path of ``longnet-convert reshard``).
 
     The source is checked in this process first, so a bad checkpoint fails before anything spawns.
+    The ranks are not daemonic: Megatron's checkpoint writer forks processes of its own.
     """
-    from longnet_megatron.testing import DistributedWorkerError, ParallelLayout, run_distributed
+    import torch.multiprocessing as tmp
 
-    open_checkpoint(source)
+    from longnet_megatron.export.checkpoint_io import _free_port
+    from longnet_megatron.export.errors import ConversionError
+    from longnet_megatron.testing import ParallelLayout
+
+    ckpt, _ = open_checkpoint(source)
     layout = ParallelLayout(tp=tp, pp=pp, vpp=vpp)
+    world = layout.model_parallel_size()
     try:
-        results = run_distributed(
+        tmp.spawn(
             _reshard_rank,
-            layout.model_parallel_size(),
-            layout=layout,
-            args=(str(source), str(run_dir), iteration),
-            timeout_s=timeout_s,
+            args=(world, _free_port(), layout, str(source), str(run_dir), iteration),
+            nprocs=world,
+            join=True,
         )
-    except DistributedWorkerError as e:
-        from longnet_megatron.export.errors import ConversionError
-
-        raise ConversionError(f"resharding {source} to tp={tp} pp={pp} failed: {e}", "mismatched") from e
-    return Path(results[0])
+    except tmp.ProcessRaisedException as e:
+        raise ConversionError(
+            f"resharding {source} to tp={tp} pp={pp} vpp={vpp} failed:\n{e}", "mismatched"
+        ) from e
+    if iteration is None:
+        iteration = int(read_common(ckpt).get("iteration", 0))
+    return Path(run_dir) / iteration_dir_name(iteration)

@@ -14,6 +14,11 @@ Backward mirrors it with the merged output and log-sum-exp (DESIGN.md section 2)
 backward runs first, their dk, dv are sent back to the ranks that own those keys while the local
 ``dilated_backward`` runs, and the owners add what they receive. Received keys are kept from the
 forward pass (O(w/r) per pattern, not O(N)), so backward re-sends nothing but gradients.
+
+Remote calls have as many keys as the sources hold, which is rarely the number of local queries.
+They reach the backend as SQUARE calls only (:func:`_square_forward`), the one shape the single-rank
+path uses and so the one every kernel is tested with; padding costs at most the remote calls' own
+size, which is O(w/r) rows per head.
 """
 
 from __future__ import annotations
@@ -136,6 +141,72 @@ def _merge_remote(
     sel.put(lse, acc_lse)
 
 
+# Log-sum-exp given to padded query rows in backward: exp(S - L) is 0 there, with no inf arithmetic.
+_PAD_LSE = 1e30
+
+
+def _pad_rows(x: torch.Tensor, length: int, value: float = 0.0) -> torch.Tensor:
+    """``x`` (rows on dim 1, or dim 2 for a ``[b, h, l]`` log-sum-exp) padded to ``length`` rows."""
+    dim = 2 if x.dim() == 3 else 1
+    missing = length - x.shape[dim]
+    if not missing:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x, x.new_full(shape, value)], dim=dim)
+
+
+def _row_chunks(lq: int, lk: int) -> list[slice]:
+    """Query rows in chunks of ``lk``, each padded to a square call (one chunk when lk >= lq)."""
+    return [slice(start, min(start + lk, lq)) for start in range(0, lq, lk)]
+
+
+def _square_forward(
+    backend: AttentionBackend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-causal attention of q ``[b, lq]`` over k, v ``[b, lk]`` through square backend calls.
+
+    Zero query rows pad a chunk to lk rows; their outputs are dropped and, in backward, their zero
+    output gradient contributes nothing to dk, dv.
+    """
+    lq, lk = q.shape[1], k.shape[1]
+    if lq == lk:
+        return backend.forward(q, k, v, causal=False, scale=scale)
+    outs, lses = [], []
+    for rows in _row_chunks(lq, lk):
+        o, lse = backend.forward(_pad_rows(q[:, rows], lk), k, v, causal=False, scale=scale)
+        count = rows.stop - rows.start
+        outs.append(o[:, :count])
+        lses.append(lse[:, :, :count])
+    return torch.cat(outs, dim=1), torch.cat(lses, dim=2)
+
+
+def _square_backward(
+    backend: AttentionBackend,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of :func:`_square_forward` given the merged ``out`` and ``lse`` (``[b, h, lq]``)."""
+    lq, lk = q.shape[1], k.shape[1]
+    if lq == lk:
+        return backend.backward(dout, q, k, v, out, lse, causal=False, scale=scale)
+    dqs, dk, dv = [], None, None
+    for rows in _row_chunks(lq, lk):
+        padded = [_pad_rows(t[:, rows], lk) for t in (dout, q, out)]
+        lse_c = _pad_rows(lse[:, :, rows], lk, _PAD_LSE)
+        dq_c, dk_c, dv_c = backend.backward(
+            padded[0], padded[1], k, v, padded[2], lse_c, causal=False, scale=scale
+        )
+        dqs.append(dq_c[:, : rows.stop - rows.start])
+        dk, dv = (dk_c, dv_c) if dk is None else (dk + dk_c, dv + dv_c)
+    return torch.cat(dqs, dim=1), dk, dv
+
+
 def _tag(seg: CrossingSegment) -> int:
     """Message tag: a pair of ranks shares at most one segment per pattern, so the pattern tells them apart."""
     return seg.pattern
@@ -192,14 +263,14 @@ def _remote_backward(
             if kv is None:
                 continue
             sel = off.query
-            dq_r, dk_r, dv_r = backend.backward(
+            dq_r, dk_r, dv_r = _square_backward(
+                backend,
                 sel.gather(dout),
                 sel.gather(q),
                 *kv,
                 sel.gather(out),
                 sel.gather(lse).transpose(1, 2),
-                causal=False,
-                scale=scale,
+                scale,
             )
             dq_parts.append((sel, dq_r))
             dk_r, dv_r = _fold_heads(dk_r, off), _fold_heads(dv_r, off)
@@ -233,7 +304,7 @@ class ContextParallelDilatedAttention(torch.autograd.Function):
         for seg, messages in zip(plan.crossing, _received_by_segment(plan, buffers)):
             for off, kv in zip(seg.offsets, _remote_keys(seg, messages, batch, head_dim)):
                 if kv is not None:
-                    o_r, l_r = backend.forward(off.query.gather(q), *kv, causal=False, scale=scale)
+                    o_r, l_r = _square_forward(backend, off.query.gather(q), *kv, scale)
                     _merge_remote(out, lse, off.query, o_r, l_r)
         ctx.save_for_backward(q, k, v, out, lse, *buffers)
         ctx.plan, ctx.backend, ctx.group, ctx.stats = plan, backend, group, stats

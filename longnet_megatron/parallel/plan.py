@@ -131,6 +131,30 @@ def _part_block(w: int, r: int, offset: int, lo: int, hi: int) -> RowBlock | Non
     return blocks[0] if blocks else None
 
 
+def _offset_exchange(
+    w: int,
+    r: int,
+    offset: int,
+    query_heads: slice,
+    kv: tuple[slice | tuple[int, ...], int, tuple[int, ...] | None],
+    parts: list[tuple[int, int]],
+    mine: tuple[int, int],
+    chunk_start: int,
+) -> OffsetExchange:
+    """One head offset of a crossing segment whose members hold ``parts`` (global ``[lo, hi)``)."""
+    kv_heads, count, expand = kv
+    rows = []
+    for lo, hi in parts:
+        block = _part_block(w, r, offset, lo, hi)
+        rows.append(0 if block is None else block.length)
+    query = key_value = None
+    block = _part_block(w, r, offset, *mine)
+    if block is not None:
+        local = dataclasses.replace(block, start=block.start + mine[0] - chunk_start)
+        query, key_value = Selection(local, query_heads), Selection(local, kv_heads)
+    return OffsetExchange(offset, query, key_value, count, expand, tuple(rows))
+
+
 def plan_context_parallel(
     config: DilatedAttentionConfig,
     num_positions: int,
@@ -171,19 +195,9 @@ def plan_context_parallel(
             offsets = []
             for offset in range(r):
                 q_heads = heads_for_offset(num_heads, r, offset, head_offset)
-                if q_heads is None:
-                    continue
-                kv_heads, count, expand = _distinct_kv_heads(q_heads, num_heads, num_kv_heads)
-                rows = []
-                for lo, hi in parts:
-                    block = _part_block(w, r, offset, lo, hi)
-                    rows.append(0 if block is None else block.length)
-                block = _part_block(w, r, offset, *mine)
-                query = key_value = None
-                if block is not None:
-                    local = dataclasses.replace(block, start=block.start + mine[0] - my_lo)
-                    query, key_value = Selection(local, q_heads), Selection(local, kv_heads)
-                offsets.append(OffsetExchange(offset, query, key_value, count, expand, tuple(rows)))
+                if q_heads is not None:
+                    kv = _distinct_kv_heads(q_heads, num_heads, num_kv_heads)
+                    offsets.append(_offset_exchange(w, r, offset, q_heads, kv, parts, mine, my_lo))
             earlier = tuple(m for m in members if m < cp_rank)
             later = tuple(m for m in members if m > cp_rank)
             visible = earlier if config.causal else earlier + later

@@ -91,6 +91,46 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _materialize_optimizer_state(optimizer) -> None:
+    """Create the torch Adam states of a fresh distributed optimizer before a load.
+
+    Without Apex / TE (the CPU path), DistributedOptimizer.state_dict() reads the step count from the
+    torch optimizer's per-parameter states, which exist only after a first step; Megatron fills them
+    with dummy values itself only for Megatron-FSDP. The dummy step touches the parameters, which the
+    load then overwrites (model weights, then the optimizer's main parameters and moments).
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, distrib_optimizer.DistributedOptimizer) and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def _restore_adam_steps(optimizer, saved: Any) -> None:
+    """Give every torch Adam state its own step tensor with the saved count (CPU path only).
+
+    Without Apex / TE, DistributedOptimizer.load_state_dict assigns one shared step tensor to all
+    parameters and then overwrites it from the dummy-initialised state, so the resumed bias correction
+    would be wrong (and torch's foreach Adam would advance the shared tensor once per parameter).
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    optimizers = getattr(optimizer, "chained_optimizers", [optimizer])
+    saved_list = saved if isinstance(saved, list) else [saved]
+    for opt, opt_state in zip(optimizers, saved_list):
+        groups = opt_state["optimizer"]["param_groups"]
+        steps = {g["step"] for g in groups if "step" in g}
+        if len(steps) != 1:
+            continue
+        step = float(steps.pop())
+        for param_state in opt.optimizer.state.values():
+            param_state["step"] = torch.tensor(step)
+
+
 class Checkpointer:
     """Saves and loads the full training state of one run."""
 
@@ -106,12 +146,13 @@ class Checkpointer:
     def _sharded_state(self, chunks, optimizer, *, rng: bool, is_loading: bool) -> dict[str, Any]:
         from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+        # Megatron-LM's layout: the unwrapped GPTModel(s) under "model" (or "model0", "model1", ...).
         state: dict[str, Any] = {}
         if len(chunks) == 1:
-            state["model"] = chunks[0].sharded_state_dict(metadata=self.metadata)
+            state["model"] = chunks[0].module.sharded_state_dict(metadata=self.metadata)
         else:
             for i, chunk in enumerate(chunks):
-                state[f"model{i}"] = chunk.sharded_state_dict(metadata=self.metadata)
+                state[f"model{i}"] = chunk.module.sharded_state_dict(metadata=self.metadata)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=self.metadata)
         if rng:
             rank, world = dist.get_rank(), dist.get_world_size()
@@ -155,6 +196,7 @@ class Checkpointer:
             if name != keep:
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
+    @torch.no_grad()  # the optimizer copies into views of parameters that require grad
     def load(self, path: str, chunks, optimizer, scheduler) -> dict[str, Any]:
         """Restore everything from checkpoint ``path``; returns its train state (step, consumed samples)."""
         from megatron.core import dist_checkpointing
@@ -167,14 +209,16 @@ class Checkpointer:
                 "(dropout draws will differ from an uninterrupted run)",
                 path, common.get("world_size"), dist.get_world_size(),
             )
+        _materialize_optimizer_state(optimizer)
         sharded = self._sharded_state(chunks, optimizer, rng=same_world, is_loading=True)
         state = dist_checkpointing.load(sharded, path)
         if len(chunks) == 1:
-            chunks[0].load_state_dict(state["model"], strict=True)
+            chunks[0].module.load_state_dict(state["model"], strict=True)
         else:
             for i, chunk in enumerate(chunks):
-                chunk.load_state_dict(state[f"model{i}"], strict=True)
+                chunk.module.load_state_dict(state[f"model{i}"], strict=True)
         optimizer.load_state_dict(state["optimizer"])
+        _restore_adam_steps(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if same_world:
             _set_rng_state(state["rng_state"])

@@ -215,9 +215,9 @@ class JobConfig:
             raise ConfigError(f"optim.min_lr={o.min_lr} and optim.lr={o.lr} need 0 <= min_lr <= lr, lr > 0")
         if o.clip_grad < 0:
             raise ConfigError(f"optim.clip_grad={o.clip_grad} must be >= 0 (0: no clipping)")
-        if o.warmup_steps > (o.decay_steps or t.steps):
+        if o.warmup_steps >= (o.decay_steps or t.steps):
             raise ConfigError(
-                f"optim.warmup_steps={o.warmup_steps} is longer than the decay "
+                f"optim.warmup_steps={o.warmup_steps} must be shorter than the decay "
                 f"(optim.decay_steps={o.decay_steps or t.steps})"
             )
 

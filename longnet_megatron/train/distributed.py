@@ -41,7 +41,14 @@ def _free_port() -> int:
 
 
 def world_from_env(env: dict[str, str] | None = None) -> World:
-    """Rank, world size and rendezvous address from torchrun's or SLURM's variables (else one process)."""
+    """Rank, world size and rendezvous address from torchrun's or SLURM's variables (else one process).
+
+    An already initialised process group (a test harness, a notebook) is taken as it is.
+    """
+    import torch.distributed as dist
+
+    if env is None and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size(), 0, "", 0)
     env = dict(os.environ if env is None else env)
     if "RANK" in env and "WORLD_SIZE" in env:
         rank, size = int(env["RANK"]), int(env["WORLD_SIZE"])

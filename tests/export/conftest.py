@@ -22,13 +22,17 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def saved(workdir) -> list[dict]:
     """Per-rank results of the saving group (rank 0 and rank 1)."""
-    return run_distributed(workers.saving_worker, 2, layout=ParallelLayout(), args=(str(workdir),), timeout_s=300)
+    return run_distributed(
+        workers.saving_worker, 2, layout=ParallelLayout(), args=(str(workdir),), timeout_s=300
+    )
 
 
 @pytest.fixture(scope="session")
 def converted(workdir, saved) -> dict:
     """Results of the one-rank conversion group (exports in workdir/hf_*)."""
-    return run_distributed(workers.conversion_worker, 1, layout=ParallelLayout(), args=(str(workdir),), timeout_s=300)[0]
+    return run_distributed(
+        workers.conversion_worker, 1, layout=ParallelLayout(), args=(str(workdir),), timeout_s=300
+    )[0]
 
 
 @pytest.fixture(scope="session")

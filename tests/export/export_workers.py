@@ -13,13 +13,15 @@ Workers return plain tensors, dicts and strings; the assertions live in the test
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
 import zlib
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing import ShardedTensor
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from longnet_megatron.export.architecture import model_record
@@ -42,7 +44,7 @@ PRESETS = {
     "tp2": get_preset("tiny").replace(num_query_groups=2, vocab_size=257),
     "pp2": get_preset("tiny").replace(num_query_groups=2, vocab_size=257, num_layers=4),
 }
-TRAIN_STEPS = 3
+TRAIN_STEPS = 2
 
 
 def tokens(seed: int, batch: int = BATCH, seq: int = SEQ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,6 +68,16 @@ def randomize(model: torch.nn.Module) -> None:
             seed = zlib.crc32(name.encode()) + (1000 * tp_rank if sharded else 0)
             gen = torch.Generator().manual_seed(seed)
             param.add_(0.05 * torch.randn(param.shape, generator=gen))
+        # Tied embeddings under PP: the last stage's output layer is a copy of the first stage's
+        # embedding; make it one again, as Megatron does at initialisation (zero it, sum over both).
+        if (
+            parallel_state.get_pipeline_model_parallel_world_size() > 1
+            and model.share_embeddings_and_output_weights
+        ):
+            weight = model.shared_embedding_or_output_weight()
+            if not parallel_state.is_pipeline_first_stage():
+                weight.zero_()
+            dist.all_reduce(weight, group=parallel_state.get_embedding_group())
 
 
 def _loss(labels: torch.Tensor):
@@ -112,7 +124,10 @@ def train(models: list[torch.nn.Module]) -> list[float]:
         losses, _ = schedule(models, [tokens(100 + step, batch=1), tokens(200 + step, batch=1)], False)
         # Tied embeddings under PP: the first stage's embedding and the last stage's output layer are
         # one weight; Megatron's finalize_model_grads adds their gradients the same way.
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1 and models[0].share_embeddings_and_output_weights:
+        if (
+            parallel_state.get_pipeline_model_parallel_world_size() > 1
+            and models[0].share_embeddings_and_output_weights
+        ):
             weight = models[0].shared_embedding_or_output_weight()
             dist.all_reduce(weight.grad, group=parallel_state.get_embedding_group())
         optimizer.step()
@@ -134,13 +149,21 @@ def save_case(name: str, root: Path) -> dict:
     )
     randomize(model)
     _, logits = schedule([model], [tokens(0)], forward_only=True)
-    save_checkpoint([model], root / name / "checkpoints", model_record(preset, config, TOKENIZER), iteration=7)
+    save_checkpoint(
+        [model], root / name / "checkpoints", model_record(preset, config, TOKENIZER), iteration=7
+    )
     return {"logits": logits[0] if logits else None}
+
+
+def allow_child_processes() -> None:
+    """Let this (daemonic) harness rank start processes: Megatron's dist-checkpoint writer forks."""
+    multiprocessing.current_process()._config["daemon"] = False
 
 
 def saving_worker(root: str) -> dict:
     """Rank r's view: saved checkpoints and logits for TP=2 and PP=2; training losses from the TP=2
     checkpoint in its own layout and from its PP=2 reshard."""
+    allow_child_processes()
     root = Path(root)
     out: dict = {}
 
@@ -199,8 +222,12 @@ def _damaged_copies(root: Path) -> dict[str, Path]:
     meta = json.loads(meta_path.read_text())
     meta["longnet_model"]["preset"]["hidden_size"] = 128
     meta_path.write_text(json.dumps(meta))
-    meta_path = copy("no_description") / "longnet.json"
-    meta_path.unlink()
+    foreign = bad / "foreign_dist_checkpoint"
+    foreign.mkdir(parents=True)
+    dist_checkpointing.save(
+        {"w": ShardedTensor.from_rank_offsets("encoder.weight", torch.ones(3))}, str(foreign)
+    )
+    cases["foreign_dist_checkpoint"] = foreign
     (bad / "dangling_latest").mkdir(parents=True)
     (bad / "dangling_latest" / "latest").write_text("iter_0000099\n")
     cases["dangling_latest"] = bad / "dangling_latest"
@@ -220,12 +247,19 @@ def conversion_worker(root: str) -> dict:
     from longnet_megatron.export.hf_to_megatron import import_from_hf
     from longnet_megatron.export.megatron_to_hf import export_to_hf
 
+    allow_child_processes()
     root = Path(root)
     out: dict = {}
     export_to_hf(root / "tp2", root / "hf_tp2")
     # PP=2 through the CLI, with shards small enough to split the 4-layer model.
-    result = CliRunner().invoke(cli, ["to-hf", str(root / "pp2"), str(root / "hf_pp2"), "--max-shard-size", "200KB"])
-    out["cli_to_hf"] = {"exit_code": result.exit_code, "output": result.output, "error": repr(result.exception)}
+    result = CliRunner().invoke(
+        cli, ["to-hf", str(root / "pp2"), str(root / "hf_pp2"), "--max-shard-size", "200KB"]
+    )
+    out["cli_to_hf"] = {
+        "exit_code": result.exit_code,
+        "output": result.output,
+        "error": repr(result.exception),
+    }
     export_to_hf(root / "tp2_as_pp2", root / "hf_resharded")
 
     import_from_hf(root / "hf_tp2", root / "back", iteration=7)
@@ -243,6 +277,8 @@ def conversion_worker(root: str) -> dict:
         except ConversionError as e:
             errors[name] = (e.kind, str(e))
     out["errors"] = errors
-    result = CliRunner().invoke(cli, ["to-hf", str(root / "bad" / "missing_shard"), str(root / "bad_out" / "cli")])
+    result = CliRunner().invoke(
+        cli, ["to-hf", str(root / "bad" / "missing_shard"), str(root / "bad_out" / "cli")]
+    )
     out["cli_error"] = {"exit_code": result.exit_code, "output": result.output}
     return out

@@ -44,8 +44,14 @@ def test_large_export_is_sharded_with_an_index(converted, workdir):
 
 def test_export_folder_has_everything_a_user_needs(converted, workdir):
     folder = workdir / "hf_tp2"
-    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json",
-                 "configuration_longnet.py", "modeling_longnet.py"):
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer_config.json",
+        "configuration_longnet.py",
+        "modeling_longnet.py",
+    ):
         assert (folder / name).is_file(), name
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_longnet.LongNetHFForCausalLM"
@@ -82,8 +88,8 @@ def test_resharded_checkpoint_exports_like_the_original(converted, workdir):
         ("no_common", "truncated", "common.pt is missing"),
         ("dangling_latest", "truncated", "iter_0000099"),
         ("wrong_architecture", "mismatched", "does not match the architecture"),
-        ("no_metadata", "foreign", "not a Megatron dist checkpoint"),
-        ("no_description", "foreign", "not saved by longnet-megatron"),
+        ("no_metadata", "truncated", "metadata.json is missing"),
+        ("foreign_dist_checkpoint", "foreign", "not saved by longnet-megatron"),
         ("not_a_checkpoint", "foreign", "not a Megatron dist checkpoint"),
         ("does_not_exist", "missing", "does not exist"),
     ],

@@ -8,12 +8,14 @@ ranks that import Megatron costs seconds, so the tests batch everything per worl
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from longnet_megatron.attention import DilatedAttentionConfig, dilated_attention
+from longnet_megatron.attention.backends import ReferenceBackend
 from longnet_megatron.parallel import last_comm_stats
 from tests.attention.oracle import oracle_attention
 
@@ -43,6 +45,20 @@ class CPCase:
     @property
     def config(self) -> DilatedAttentionConfig:
         return DilatedAttentionConfig(self.segment_lengths, self.dilation_rates, causal=self.causal)
+
+
+class SquareOnlyBackend(ReferenceBackend):
+    """The reference kernel, refusing the rectangular calls that not every fused backend implements."""
+
+    name = "square-only-reference"
+
+    def forward(self, q, k, v, *, causal, scale):  # noqa: D102
+        assert q.shape[1] == k.shape[1], f"rectangular call {q.shape[1]} x {k.shape[1]}"
+        return super().forward(q, k, v, causal=causal, scale=scale)
+
+    def backward(self, dout, q, k, v, out, lse, *, causal, scale):  # noqa: D102
+        assert q.shape[1] == k.shape[1], f"rectangular call {q.shape[1]} x {k.shape[1]}"
+        return super().backward(dout, q, k, v, out, lse, causal=causal, scale=scale)
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -102,7 +118,7 @@ def check_attention(
         case.config,
         head_offset=case.head_offset + tp_rank * hq,
         position_offset=case.base + cp_rank * n,
-        backend="reference",
+        backend=SquareOnlyBackend(),
         cp_group=cp_group,
     )
     got = [out.detach(), *torch.autograd.grad(out, (q, k, v), dout)]
@@ -226,6 +242,35 @@ CP4_CASES = [
     CPCase("ragged_noncausal", 140, 6, 3, (5, 12, 30, 50, 150), (1, 3, 7, 6, 11), False),
     CPCase("ragged_gqa_causal", 140, 8, 2, (7, 20, 45, 160), (1, 3, 6, 9), True, head_offset=8),
 ]
+
+
+def random_cp_case(seed: int, cp: int) -> CPCase:
+    """A random valid case for ``cp`` ranks: segments from 2 tokens to twice the sequence, ragged rates,
+    GQA, head and position offsets."""
+    rng = random.Random(seed)
+    n = rng.randint(3, 24) * cp
+    count = rng.randint(1, 4)
+    ws = sorted(rng.sample(range(2, 2 * n + 10), count))
+    rs = [rng.randint(1, min(w, 13)) for w in ws]
+    rs[rng.randrange(count)] = 1
+    kv, group = rng.choice([1, 2, 3]), rng.choice([1, 2, 3])
+    return CPCase(
+        f"random_{seed}",
+        n,
+        kv * group,
+        kv,
+        tuple(ws),
+        tuple(rs),
+        rng.random() < 0.5,
+        batch=rng.choice([1, 2]),
+        head_dim=4,
+        head_offset=group * rng.choice([0, 1, 5]),
+        base=rng.choice([0, 0, rng.randint(1, 50)]),
+    )
+
+
+CP4_CASES += [random_cp_case(seed, 4) for seed in range(8)]
+
 # TP=2 x CP=2: heads split over TP ranks, so the CP ranks see head_offset = tp_rank * heads / 2.
 TP2_CP2_CASES = [
     CPCase("tp2_large_causal", 64, 8, 8, (8, 32, 64), (1, 2, 4), True),
@@ -241,8 +286,9 @@ BYTES_CASES = [
 def run_all() -> dict:
     """Everything the tests check, on 4 ranks in one process group (spawning ranks is the slow part).
 
-    CP = 2 runs as Megatron's layout cp=2 (two data-parallel replicas of a CP pair), CP = 4 over the
-    whole world, TP = 2 x CP = 2 as Megatron's layout tp=2, cp=2.
+    Started with Megatron's layout cp=4 (which also turns on the CPU shim). CP = 4 runs over the whole
+    world, CP = 2 as Megatron's layout cp=2 (two data-parallel replicas of a CP pair), TP = 2 x CP = 2
+    as Megatron's layout tp=2, cp=2.
     """
     from longnet_megatron.testing import ParallelLayout
 

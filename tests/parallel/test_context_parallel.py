@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from longnet_megatron.testing import run_distributed
+from longnet_megatron.testing import ParallelLayout, run_distributed
 
 from .checks import BYTES_CASES, CP2_CASES, CP4_CASES, TP2_CP2_CASES, run_all
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def ranks() -> list[dict]:
-    return run_distributed(run_all, 4, layout=None)
+    return run_distributed(run_all, 4, layout=ParallelLayout(cp=4))
 
 
 def _results(ranks: list[dict], key: str, name: str) -> list[dict]:

@@ -135,7 +135,7 @@ class SdpaBackend:
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kernel == "cudnn":
             res = aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, True, 0.0, causal, scale=scale)
-            out, lse = res[0], res[1].view(q.shape[0], q.shape[2], length)
+            out, lse = res[0], res[1].reshape(q.shape[0], q.shape[2], length)
         elif kernel == "flash":
             out, lse = aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, causal, scale=scale)[:2]
         else:

@@ -18,9 +18,12 @@ from typing import Any
 import torch
 
 from .base import UnsupportedInputError
+from .reference import ReferenceBackend
 
 _DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
+# cuDNN rejects one-token sequences (a partial last segment can select a single row): plain PyTorch.
+_SINGLE_ROW = ReferenceBackend()
 
 
 def _by_name(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -49,6 +52,11 @@ class TEBackend:
             )
         except ImportError as err:
             raise ImportError(f"te backend needs Transformer Engine's PyTorch extension: {err}") from err
+        except OSError as err:  # e.g. TE's cuDNN libraries loaded after PyTorch's, with other symbols
+            raise ImportError(
+                f"te backend: Transformer Engine's libraries failed to load ({err}); import "
+                "transformer_engine before the first cuDNN call of the process"
+            ) from err
 
         self._fwd, self._bwd = _by_name(fused_attn_fwd), _by_name(fused_attn_bwd)
         self._te_dtype = TE_DType
@@ -106,6 +114,8 @@ class TEBackend:
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(out [b, l, h, d], lse [b, h, l] float32)`` of softmax(q k^T * scale) v."""
+        if q.shape[1] == 1:
+            return _SINGLE_ROW.forward(q, k, v, causal=causal, scale=scale)
         res = self._fwd(
             is_training=True,
             q=q.contiguous(),
@@ -133,6 +143,8 @@ class TEBackend:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(dq, dk, dv)`` given the merged ``out`` and ``lse`` (``[b, h, l]``)."""
         b, length, h = q.shape[:3]
+        if length == 1:
+            return _SINGLE_ROW.backward(dout, q, k, v, out, lse, causal=causal, scale=scale)
         stats = lse.to(torch.float32).contiguous().view(b, h, length, 1)
         rng = self._rng_state.get(q.device)
         if rng is None:

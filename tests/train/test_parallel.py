@@ -1,0 +1,60 @@
+"""Training under every parallel layout gives the losses of one process (same weights, same samples)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from longnet_megatron.testing import run_distributed
+from tests.train import train_workers
+
+STEPS = 4
+# Global batch 4 of micro-batches of 1: 4 micro-batches on one rank, 2 per rank under DP=2, and a real
+# 1F1B schedule (4 micro-batches over 2 stages) under PP=2.
+# The vocabulary is padded to a multiple of 64 * tp: fix it so every layout has the same softmax.
+COMMON = ["train.micro_batch_size=1", "train.global_batch_size=4", "optim.warmup_steps=1", "model.vocab_size=384"]
+LAYOUTS = {
+    "tp2": ["parallel.tensor_model_parallel_size=2"],
+    "pp2": ["parallel.pipeline_model_parallel_size=2"],
+    "dp2": [],
+}
+CP_READY = importlib.util.find_spec("longnet_megatron.parallel.context_parallel") is not None
+if CP_READY:
+    LAYOUTS["cp2"] = ["parallel.context_parallel_size=2"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def single(packed_prefix, tmp_path_factory) -> dict:
+    run_dir = str(tmp_path_factory.mktemp("single"))
+    (result,) = run_distributed(
+        train_workers.single_process_worker, 1, layout=None, args=(packed_prefix, run_dir, COMMON, STEPS),
+        threads_per_rank=2,
+    )
+    return result
+
+
+def test_tiny_loss_falls(single):
+    losses = single["falling"]
+    assert len(losses) == 30
+    assert losses[-1] < losses[0] - 1.0, losses  # ln(320) ~ 5.8 at start; bytes are learnt quickly
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0
+
+
+def test_parallel_layouts_match_one_process(single, packed_prefix, tmp_path):
+    results = run_distributed(
+        train_workers.layouts_worker, 2, layout=None,
+        args=(packed_prefix, str(tmp_path), COMMON, STEPS, LAYOUTS, single["state"]),
+    )
+    reference = single["reference"]
+    assert len(reference) == STEPS and reference[-1] < reference[0]
+    for name in LAYOUTS:
+        for rank, per_rank in enumerate(results):
+            assert per_rank[name] == pytest.approx(reference, rel=2e-5, abs=2e-5), (name, rank)
+
+
+@pytest.mark.skipif(CP_READY, reason="context parallelism is present: covered above")
+def test_context_parallel_pending():
+    pytest.xfail("longnet_megatron.parallel.context_parallel is not there yet: CP=2 joins the layouts then")

@@ -1,0 +1,88 @@
+"""Functions the training tests run inside gloo ranks (module level so that spawn can pickle them).
+
+These runs keep checkpointing off: the harness's ranks are daemon processes, and
+dist_checkpointing's file writer starts processes of its own (checkpoints are tested through real
+launches in test_resume.py and test_launch.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from longnet_megatron.train.config import load_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = os.path.join(REPO, "configs", "tiny_cpu.yaml")
+
+
+def base_overrides(prefix: str, run_dir: str, steps: int) -> list[str]:
+    return [
+        f"data.prefixes=[{prefix}]",
+        f"run.dir={run_dir}",
+        f"train.steps={steps}",
+        "train.eval_interval=0",
+        "checkpoint.interval=0",
+        "checkpoint.save_at_end=false",
+        "checkpoint.resume=false",
+        "logging.interval=1000",
+        "logging.tensorboard=false",
+        "train.exit_signal_handling=false",
+    ]
+
+
+def _full_state(models: list[torch.nn.Module], out: dict) -> None:
+    from longnet_megatron.model.state_dict import tensors_only
+
+    (model,) = models
+    out["state"] = {k: v.detach().clone() for k, v in tensors_only(model.state_dict()).items()}
+
+
+def _load_full_state(full: dict[str, torch.Tensor], models: list[torch.nn.Module]) -> None:
+    """Load unsharded single-rank weights into this rank's tensor shard / pipeline stage(s)."""
+    from megatron.core import parallel_state as ps
+
+    from longnet_megatron.model.state_dict import select_pipeline_stage, shard_for_tensor_parallel
+
+    full = dict(full)
+    full.setdefault("output_layer.weight", full["embedding.word_embeddings.weight"])  # tied, last stage
+    shard = shard_for_tensor_parallel(
+        full, ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    )
+    for model in models:
+        model.load_state_dict(select_pipeline_stage(shard, model), strict=True)
+
+
+def train(overrides: list[str], init_weights=None) -> list[float]:
+    from longnet_megatron.train.trainer import Trainer
+
+    trainer = Trainer(load_config(TINY, overrides), init_weights=init_weights)
+    trainer.train()
+    trainer.close()
+    return [r["loss"] for r in trainer.history]
+
+
+def single_process_worker(prefix: str, run_dir: str, layout_overrides: list[str], steps: int) -> dict:
+    """The 1-process reference losses and initial weights, plus a longer run whose loss must fall."""
+    captured: dict = {}
+    reference = train(
+        base_overrides(prefix, run_dir + "/ref", steps) + layout_overrides,
+        init_weights=lambda models: _full_state(models, captured),
+    )
+    falling = train(
+        base_overrides(prefix, run_dir + "/falls", 30) + ["optim.warmup_steps=5", "optim.lr=3e-3"]
+    )
+    return {"reference": reference, "state": captured["state"], "falling": falling}
+
+
+def layouts_worker(prefix: str, run_dir: str, layout_overrides: list[str], steps: int,
+                   layouts: dict[str, list[str]], full_state: dict) -> dict[str, list[float]]:
+    """Each named layout's losses from the same initial weights (one group, layouts in turn)."""
+    out = {}
+    for name, layout in layouts.items():
+        out[name] = train(
+            base_overrides(prefix, f"{run_dir}/{name}", steps) + layout_overrides + layout,
+            init_weights=lambda models: _load_full_state(full_state, models),
+        )
+    return out
