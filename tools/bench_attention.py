@@ -207,14 +207,14 @@ def _print_row(row: dict) -> None:
 def render_markdown(runs: list[dict], rows: list[dict]) -> str:
     """A markdown report: how each run was made, then one table per head size and pattern set."""
     dense = {
-        (r["head_dim"], r["n"]): r
+        (r["head_dim"], r["n"], r.get("run")): r
         for r in rows
         if r.get("backend") == "dense-cudnn" and r.get("status") == "ok"
     }
     lines = ["# Dilated attention benchmark", ""]
-    for meta in runs:
+    for i, meta in enumerate(runs, 1):
         lines.append(
-            f"* run: {meta['device']}, {meta['date']}; torch {meta['torch']}, cuDNN {meta['cudnn']}, "
+            f"* run {i}: {meta['device']}, {meta['date']}; torch {meta['torch']}, cuDNN {meta['cudnn']}, "
             f"Transformer Engine {meta.get('transformer_engine') or 'not installed'}; "
             f"`{meta['command']}`"
         )
@@ -236,13 +236,13 @@ def render_markdown(runs: list[dict], rows: list[dict]) -> str:
         lines += [
             title,
             "",
-            "| N | backend | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | peak GiB | vs dense | status |",
-            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+            "| N | backend | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | peak GiB | vs dense | run | status |",
+            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
         ]
         ns = {r["n"] for r in group}
         group = group + [r for r in rows if r.get("set") == "dense" and r["head_dim"] == d and r["n"] in ns]
-        for r in sorted(group, key=lambda r: (r.get("n", 0), r.get("backend", ""))):
-            ref = dense.get((r.get("head_dim"), r.get("n")))
+        for r in sorted(group, key=lambda r: (r.get("n", 0), r.get("run", 1), r.get("backend", ""))):
+            ref = dense.get((r.get("head_dim"), r.get("n"), r.get("run")))
             speed = None
             if ref and r.get("status") == "ok" and r["backend"] != "dense-cudnn":
                 speed = ref["fwdbwd_ms"] / r["fwdbwd_ms"]
@@ -250,7 +250,7 @@ def render_markdown(runs: list[dict], rows: list[dict]) -> str:
             lines.append(
                 f"| {r.get('n')} | {name} | {_fmt(r.get('fwd_ms'), 2)} | {_fmt(r.get('fwd_tflops'))} | "
                 f"{_fmt(r.get('fwdbwd_ms'), 2)} | {_fmt(r.get('fwdbwd_tflops'))} | {_fmt(r.get('peak_gib'), 2)} | "
-                f"{_fmt(speed) + 'x' if speed else '-'} | {r.get('status', '')} |"
+                f"{_fmt(speed) + 'x' if speed else '-'} | {r.get('run', 1)} | {r.get('status', '')} |"
             )
         lines.append("")
     lines += [f"* D = {r['head_dim']}, N = {r['n']}: {r['status']}" for r in rows if r.get("backend") == "*"]
@@ -300,8 +300,11 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.render:
         docs = [json.loads(Path(f).read_text()) for f in args.render]
-        runs = [run for d in docs for run in d.get("runs", [d.get("meta")])]
-        rows = [r for d in docs for r in d["rows"]]
+        runs, rows = [], []
+        for doc in docs:  # rows keep the number of the run they came from
+            first = len(runs) + 1
+            runs += doc.get("runs", [doc.get("meta")])
+            rows += [{**r, "run": r.get("run", 1) + first - 1} for r in doc["rows"]]
         Path(args.out_md).write_text(render_markdown(runs, rows))
         merged = {"runs": runs, "rows": rows}
         Path(args.out_json).write_text(json.dumps(merged, indent=1))
