@@ -68,10 +68,11 @@ def _batches(records: Iterable[Record], max_docs: int, max_bytes: int) -> Iterat
         yield batch
 
 
-def _ordered_pool_map(
-    func: Callable, items: Iterable, workers: int, initargs: tuple, max_in_flight: int
-) -> Iterator:
-    """``pool.imap`` with a bound on queued work (imap itself would read the whole input ahead)."""
+def _encode_in_order(
+    batches: Iterable[list[Record]], workers: int, initargs: tuple
+) -> Iterator[EncodedBatch]:
+    """Encoded batches in input order from a pool of ``workers``, with at most ``2 * workers + 1``
+    batches queued (``pool.imap`` would read the whole input ahead of the workers)."""
     # fork starts workers in milliseconds with the tokenizer already built (workers never touch torch);
     # elsewhere spawn, which builds it again in each worker.
     if sys.platform.startswith("linux"):
@@ -81,9 +82,9 @@ def _ordered_pool_map(
         pool = multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker, initargs=initargs)
     with pool:
         pending: deque = deque()
-        for item in items:
-            pending.append(pool.apply_async(func, (item,)))
-            if len(pending) >= max_in_flight:
+        for batch in batches:
+            pending.append(pool.apply_async(encode_in_worker, (batch,)))
+            if len(pending) > 2 * workers:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
@@ -132,7 +133,7 @@ def tokenize_corpus(
         try:
             batches = _batches(iter_records(files, fmt, text_key), batch_docs, batch_bytes)
             initargs = (tok.describe(), text_key, dtype.name)
-            results = _ordered_pool_map(encode_in_worker, batches, workers, initargs, 2 * workers + 1)
+            results = _encode_in_order(batches, workers, initargs)
             with contextlib.closing(results):  # stops the pool at once on an error
                 for enc in results:
                     _write_batch(builder, enc, stats, on_error)

@@ -54,8 +54,10 @@ def dilated_attention(
     head h // (Hq / Hkv)). ``head_offset`` is the global index of local head 0 (tensor parallelism) and
     ``position_offset`` the global position of local token 0; patterns are chosen by global index.
     ``cp_group`` of size > 1 runs LongNet's distributed algorithm over that group, q, k, v being this
-    rank's contiguous chunk. Returns ``[B, N, Hq, D]`` (and the float32 log-sum-exp ``[B, N, Hq]`` with
-    ``return_lse``).
+    rank's contiguous chunk. ``backend`` is ``"auto"`` (the first of sdpa, te, reference that runs the
+    inputs; the environment variable LONGNET_ATTENTION_BACKEND overrides it), a backend name
+    (``available_backends()``) or a backend object. Returns ``[B, N, Hq, D]`` (and the float32
+    log-sum-exp ``[B, N, Hq]`` with ``return_lse``).
     """
     _check_inputs(q, k, v)
     if cp_group is not None and torch.distributed.get_world_size(cp_group) > 1:

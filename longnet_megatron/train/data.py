@@ -166,14 +166,8 @@ def micro_batches(dataset: torch.utils.data.Dataset, consumed_samples: int, micr
 
 def split_for_context_parallel(batch: Batch, cp_rank: int, cp_size: int) -> Batch:
     """This context-parallel rank's contiguous chunk of every sequence in ``batch`` (global positions)."""
-    if cp_size == 1:
-        return batch
-    try:  # the context-parallel engineer's splitter, when present
-        from longnet_megatron.parallel import split_batch_for_context_parallel
-    except ImportError:
-        from longnet_megatron.model.rope import contiguous_cp_chunk
+    from longnet_megatron.parallel.batch import split_batch_for_context_parallel
 
-        return {k: contiguous_cp_chunk(v, 1, cp_rank, cp_size) for k, v in batch.items()}
     return split_batch_for_context_parallel(batch, cp_rank, cp_size)
 
 

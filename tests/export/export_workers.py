@@ -4,8 +4,8 @@ Two groups cover everything that needs Megatron, because starting ranks that imp
 
 * :func:`saving_worker` (2 ranks): saves a TP=2 checkpoint and a PP=2 checkpoint with their
   Megatron logits, reshards the TP=2 checkpoint to PP=2 and trains both for a few steps;
-* :func:`conversion_worker` (1 rank): exports both to HF folders, the round trip back to Megatron,
-  the bad-checkpoint errors (through the CLI too).
+* :func:`conversion_worker` (1 rank): exports them to HF folders (also from the description the
+  trainer writes), the round trip back to Megatron, the bad-checkpoint errors (through the CLI too).
 
 Workers return plain tensors, dicts and strings; the assertions live in the tests.
 """
@@ -238,6 +238,40 @@ def _damaged_copies(root: Path) -> dict[str, Path]:
     return cases
 
 
+def trainer_style_copy(root: Path) -> Path:
+    """The TP=2 checkpoint with the description ``longnet_megatron.train`` writes (``longnet.json``
+    without a model record: preset name, architecture, patterns, tokenizer, parallel sizes)."""
+    source = find_checkpoint(root / "tp2")
+    target = root / "trainer_style" / "checkpoints"
+    shutil.copytree(source, target / source.name)
+    (target / "latest").write_text(source.name + "\n")
+    preset, config = PRESETS["tp2"], make_longnet_config(PRESETS["tp2"])
+    meta = {
+        "step": 7,
+        "format": "megatron.core.dist_checkpointing",
+        "tokenizer": TOKENIZER,
+        "model": {
+            "preset": "tiny",
+            "num_layers": preset.num_layers,
+            "hidden_size": preset.hidden_size,
+            "num_attention_heads": preset.num_attention_heads,
+            "num_query_groups": preset.num_query_groups,
+            "ffn_hidden_size": preset.ffn_hidden_size,
+            "segment_lengths": list(preset.dilated_attention.segment_lengths),
+            "dilation_rates": list(preset.dilated_attention.dilation_rates),
+            "seq_length": preset.seq_length,
+            "vocab_size": preset.vocab_size,
+            "padded_vocab_size": preset.padded_vocab_size(2),
+            "tie_embeddings": preset.tie_embeddings,
+            "rotary_base": preset.rotary_base,
+            "dilated_attention": config.dilated_patterns_dict(),
+        },
+        "parallel": {"tensor": 2, "pipeline": 1, "virtual_pipeline": None, "context": 1, "data": 1},
+    }
+    (target / source.name / "longnet.json").write_text(json.dumps(meta))
+    return root / "trainer_style"
+
+
 def conversion_worker(root: str) -> dict:
     """Exports, round trip and error cases on one rank (TP=PP=1)."""
     from click.testing import CliRunner
@@ -261,6 +295,8 @@ def conversion_worker(root: str) -> dict:
         "error": repr(result.exception),
     }
     export_to_hf(root / "tp2_as_pp2", root / "hf_resharded")
+
+    export_to_hf(trainer_style_copy(root), root / "hf_trainer_style")
 
     import_from_hf(root / "hf_tp2", root / "back", iteration=7)
     original, back = _full_state(root / "tp2"), _full_state(root / "back")

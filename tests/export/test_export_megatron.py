@@ -80,6 +80,15 @@ def test_resharded_checkpoint_exports_like_the_original(converted, workdir):
     assert record["layout"]["pp"] == 2 and record["layout"]["tp"] == 1
 
 
+def test_trainer_description_exports_the_same_model(converted, workdir):
+    """A checkpoint described the way longnet_megatron.train describes it (no model record)."""
+    a = LongNetForCausalLM.from_pretrained(workdir / "hf_tp2")
+    b = LongNetForCausalLM.from_pretrained(workdir / "hf_trainer_style")
+    assert a.args.to_dict() == b.args.to_dict()
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
 @pytest.mark.parametrize(
     ("case", "kind", "words"),
     [

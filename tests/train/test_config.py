@@ -19,9 +19,9 @@ def job(packed_prefix, *overrides: str) -> JobConfig:
 
 
 def test_overrides_are_typed_and_applied_in_order(packed_prefix):
-    cfg = job(packed_prefix, "optim.lr=3e-4", "train.steps=7", "train.steps=9", "model.use_te=null",
+    cfg = job(packed_prefix, "optim.lr=3e-4", "train.steps=7", "train.steps=90", "model.use_te=null",
               "model.segment_lengths=[32,64]", "model.dilation_rates=[1,2]", "data.weights=[1]")
-    assert cfg.optim.lr == 3e-4 and cfg.train.steps == 9 and cfg.model.use_te is None
+    assert cfg.optim.lr == 3e-4 and cfg.train.steps == 90 and cfg.model.use_te is None
     assert cfg.model.segment_lengths == [32, 64] and cfg.data.weights == [1.0]
     cfg.validate(world_size=1)
     assert cfg.seq_length() == 128  # from the packed data

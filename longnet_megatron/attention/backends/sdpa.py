@@ -174,12 +174,12 @@ class SdpaBackend:
         if kernel == "cudnn":  # a fresh [b, h, l, 1] buffer: cuDNN checks every stride of it
             lse = torch.empty((b, h, length, 1), dtype=torch.float32, device=q.device).copy_(lse[..., None])
             grads = aten._scaled_dot_product_cudnn_attention_backward(
-                dot, qt, kt, vt, ot, lse, rng.seed, rng.offset, None, None, None, length, length,
+                dot, qt, kt, vt, ot, lse, rng.seed, rng.offset, None, None, None, length, k.shape[1],
                 0.0, causal, scale=scale,
             )  # fmt: skip
         elif kernel == "flash":
             grads = aten._scaled_dot_product_flash_attention_backward(
-                dot, qt, kt, vt, ot, lse.float().contiguous(), None, None, length, length, 0.0, causal,
+                dot, qt, kt, vt, ot, lse.float().contiguous(), None, None, length, k.shape[1], 0.0, causal,
                 rng.seed, rng.offset, scale=scale,
             )  # fmt: skip
         else:

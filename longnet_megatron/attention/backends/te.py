@@ -86,14 +86,13 @@ class TEBackend:
             )
         return self._cu_seqlens[key]
 
-    def _common(self, q: torch.Tensor, causal: bool, scale: float) -> dict[str, Any]:
-        b, length = q.shape[:2]
-        cu = self._cu(b, length, q.device)
+    def _common(self, q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float) -> dict[str, Any]:
+        b, length_q, length_kv = q.shape[0], q.shape[1], k.shape[1]
         return {
-            "max_seqlen_q": length,
-            "max_seqlen_kv": length,
-            "cu_seqlens_q": cu,
-            "cu_seqlens_kv": cu,
+            "max_seqlen_q": length_q,
+            "max_seqlen_kv": length_kv,
+            "cu_seqlens_q": self._cu(b, length_q, q.device),
+            "cu_seqlens_kv": self._cu(b, length_kv, q.device),
             "fake_dtype": q.dtype,
             "fused_attention_backend": self._kernel,
             "attn_scale": scale,
@@ -121,7 +120,7 @@ class TEBackend:
             q=q.contiguous(),
             k=k.contiguous(),
             v=v.contiguous(),
-            **self._common(q, causal, scale),
+            **self._common(q, k, causal, scale),
         )
         out, aux = res[0], res[1]
         if q.device not in self._rng_state:
@@ -158,6 +157,6 @@ class TEBackend:
             dqkv_dtype=self._te_dtype[q.dtype],
             aux_ctx_tensors=[stats, rng],
             deterministic=False,
-            **self._common(q, causal, scale),
+            **self._common(q, k, causal, scale),
         )
         return grads[0], grads[1], grads[2]
