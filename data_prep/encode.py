@@ -76,11 +76,14 @@ def record_text(record: Record, text_key: str) -> str:
 _worker: dict[str, Any] = {}
 
 
+def set_worker_state(tokenizer: Tokenizer, text_key: str, dtype: str) -> None:
+    """What :func:`encode_in_worker` uses; set before forking, workers inherit it."""
+    _worker.update(tokenizer=tokenizer, text_key=text_key, dtype=np.dtype(dtype))
+
+
 def init_worker(tokenizer_description: dict[str, Any], text_key: str, dtype: str) -> None:
-    """Pool initializer: build the tokenizer once per process."""
-    _worker["tokenizer"] = get_tokenizer(tokenizer_description)
-    _worker["text_key"] = text_key
-    _worker["dtype"] = np.dtype(dtype)
+    """Pool initializer for spawned workers: build the tokenizer once per process."""
+    set_worker_state(get_tokenizer(tokenizer_description), text_key, dtype)
 
 
 def encode_records(

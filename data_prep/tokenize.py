@@ -23,12 +23,12 @@ import click
 import numpy as np
 
 from data_prep.atomic import atomic_outputs
-from data_prep.encode import EncodedBatch, encode_in_worker, init_worker
+from data_prep.encode import EncodedBatch, encode_in_worker, init_worker, set_worker_state
 from data_prep.errors import PrepError
 from data_prep.meta import TOKENIZED, dataset_paths, meta_path, write_meta
 from data_prep.progress import Progress
 from data_prep.readers import Record, expand_inputs, iter_records
-from data_prep.tokenizers import DEFAULT_TOKENIZER, get_tokenizer
+from data_prep.tokenizers import DEFAULT_TOKENIZER, Tokenizer, get_tokenizer
 
 ON_ERROR = ("stop", "skip")
 _MAX_REPORTED_ERRORS = 5
@@ -69,16 +69,16 @@ def _batches(records: Iterable[Record], max_docs: int, max_bytes: int) -> Iterat
 
 
 def _encode_in_order(
-    batches: Iterable[list[Record]], workers: int, initargs: tuple
+    batches: Iterable[list[Record]], workers: int, tok: Tokenizer, text_key: str, dtype: np.dtype
 ) -> Iterator[EncodedBatch]:
     """Encoded batches in input order from a pool of ``workers``, with at most ``2 * workers + 1``
     batches queued (``pool.imap`` would read the whole input ahead of the workers)."""
-    # fork starts workers in milliseconds with the tokenizer already built (workers never touch torch);
-    # elsewhere spawn, which builds it again in each worker.
     if sys.platform.startswith("linux"):
-        init_worker(*initargs)
+        # fork: workers start in milliseconds and inherit the tokenizer (they never touch torch).
+        set_worker_state(tok, text_key, dtype.name)
         pool = multiprocessing.get_context("fork").Pool(workers)
     else:
+        initargs = (tok.describe(), text_key, dtype.name)
         pool = multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker, initargs=initargs)
     with pool:
         pending: deque = deque()
@@ -132,8 +132,7 @@ def tokenize_corpus(
         bar = Progress(stats.input_bytes, "tokenize", enabled=progress)
         try:
             batches = _batches(iter_records(files, fmt, text_key), batch_docs, batch_bytes)
-            initargs = (tok.describe(), text_key, dtype.name)
-            results = _encode_in_order(batches, workers, initargs)
+            results = _encode_in_order(batches, workers, tok, text_key, dtype)
             with contextlib.closing(results):  # stops the pool at once on an error
                 for enc in results:
                     _write_batch(builder, enc, stats, on_error)

@@ -148,7 +148,8 @@ def reshard(checkpoint: str, out: str, tp: int, pp: int, vpp: int | None, iterat
         from longnet_megatron.export.reshard import reshard_cpu
 
         ckpt = reshard_cpu(checkpoint, out, tp=tp, pp=pp, vpp=vpp, iteration=iteration)
-    click.echo(f"resharded {checkpoint} -> {ckpt} (tp={tp}, pp={pp}, vpp={vpp})")
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(f"resharded {checkpoint} -> {ckpt} (tp={tp}, pp={pp}, vpp={vpp})")
 
 
 def _reshard_under_torchrun(

@@ -85,7 +85,11 @@ def sample_text(
     from longnet_megatron.export.plain import LongNetForCausalLM
     from longnet_megatron.export.tokenizer_files import load_tokenizer
 
-    model = LongNetForCausalLM.from_pretrained(folder, attention_backend=attention_backend, device=device)
+    # The CPU attention backend computes in float32 (or 64): upcast a bf16 / fp16 export there.
+    dtype = torch.float32 if torch.device(device).type == "cpu" else None
+    model = LongNetForCausalLM.from_pretrained(
+        folder, attention_backend=attention_backend, device=device, dtype=dtype
+    )
     tokenizer = load_tokenizer(folder, tokenizer_spec)
     args = model.args
     new = generate(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,6 @@ class LongNetArgs:
     tie_word_embeddings: bool = True
     attention_backend: str = "auto"
     eos_token_id: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.normalization not in ("LayerNorm", "RMSNorm"):
@@ -89,22 +88,15 @@ class LongNetArgs:
         return DilatedAttentionConfig.from_dict(self.dilated_attention[index])
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data.update(data.pop("extra"))
-        return data
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LongNetArgs:
-        """From ``config.json`` (or a transformers config dict): unknown keys go to ``extra``."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        known = {k: v for k, v in data.items() if k in names}
-        missing = sorted(
-            f.name
-            for f in dataclasses.fields(cls)
-            if f.name in names - set(known)
-            and f.default is dataclasses.MISSING
-            and f.default_factory is dataclasses.MISSING
-        )
+        """From ``config.json`` (or a transformers config dict); other keys (transformers' own, the
+        Megatron record) are ignored."""
+        fields = dataclasses.fields(cls)
+        known = {f.name: data[f.name] for f in fields if f.name in data}
+        missing = sorted(f.name for f in fields if f.name not in known and f.default is dataclasses.MISSING)
         if missing:
             raise ValueError(f"LongNet config is missing {missing}")
         return cls(**known)
@@ -286,8 +278,3 @@ def load_safetensors_folder(folder: str | Path) -> dict[str, torch.Tensor]:
     if missing:
         raise ValueError(f"{folder}: tensors {missing[:5]} are in the index but in no shard")
     return state
-
-
-def num_parameters(model: nn.Module) -> int:
-    """Distinct parameters (a tied embedding counts once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

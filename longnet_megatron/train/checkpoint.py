@@ -147,20 +147,26 @@ class Checkpointer:
         from megatron.core.dist_checkpointing.mapping import ShardedObject
 
         # Megatron-LM's layout: the unwrapped GPTModel(s) under "model" (or "model0", "model1", ...).
+        from longnet_megatron.train.model import unwrap
+
+        models = unwrap(chunks)
         state: dict[str, Any] = {}
-        if len(chunks) == 1:
-            state["model"] = chunks[0].module.sharded_state_dict(metadata=self.metadata)
+        if len(models) == 1:
+            state["model"] = models[0].sharded_state_dict(metadata=self.metadata)
         else:
-            for i, chunk in enumerate(chunks):
-                state[f"model{i}"] = chunk.module.sharded_state_dict(metadata=self.metadata)
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=self.metadata)
+            for i, model in enumerate(models):
+                state[f"model{i}"] = model.sharded_state_dict(metadata=self.metadata)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state, is_loading=is_loading, metadata=self.metadata
+        )
         if rng:
             rank, world = dist.get_rank(), dist.get_world_size()
             state["rng_state"] = ShardedObject("rng_state", _rng_state(), (world,), (rank,), replica_id=0)
         return state
 
-    def save(self, step: int, chunks, optimizer, scheduler, train_state: dict[str, Any],
-             metadata: dict[str, Any]) -> str:
+    def save(
+        self, step: int, chunks, optimizer, scheduler, train_state: dict[str, Any], metadata: dict[str, Any]
+    ) -> str:
         """Save step ``step``; move ``latest`` to it; delete checkpoints beyond the last K."""
         from megatron.core import dist_checkpointing
 
@@ -191,7 +197,9 @@ class Checkpointer:
     def _prune(self, keep: str) -> None:
         if self.keep_last <= 0:
             return
-        names = sorted(n for n in os.listdir(self.directory) if n.startswith("iter_") and not n.endswith(".tmp"))
+        names = sorted(
+            n for n in os.listdir(self.directory) if n.startswith("iter_") and not n.endswith(".tmp")
+        )
         for name in names[: max(0, len(names) - self.keep_last)]:
             if name != keep:
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
@@ -207,16 +215,21 @@ class Checkpointer:
             log.warning(
                 "%s was saved by %s ranks, this run has %s: RNG states are not restored "
                 "(dropout draws will differ from an uninterrupted run)",
-                path, common.get("world_size"), dist.get_world_size(),
+                path,
+                common.get("world_size"),
+                dist.get_world_size(),
             )
         _materialize_optimizer_state(optimizer)
         sharded = self._sharded_state(chunks, optimizer, rng=same_world, is_loading=True)
         state = dist_checkpointing.load(sharded, path)
-        if len(chunks) == 1:
-            chunks[0].module.load_state_dict(state["model"], strict=True)
+        from longnet_megatron.train.model import unwrap
+
+        models = unwrap(chunks)
+        if len(models) == 1:
+            models[0].load_state_dict(state["model"], strict=True)
         else:
-            for i, chunk in enumerate(chunks):
-                chunk.module.load_state_dict(state[f"model{i}"], strict=True)
+            for i, model in enumerate(models):
+                model.load_state_dict(state[f"model{i}"], strict=True)
         optimizer.load_state_dict(state["optimizer"])
         _restore_adam_steps(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -14,7 +14,9 @@ from longnet_megatron.train.signals import REQUEUE_EXIT_CODE
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1)
-@click.option("--check", is_flag=True, help="Validate the configuration (for the launcher's world size) and exit.")
+@click.option(
+    "--check", is_flag=True, help="Validate the configuration (for the launcher's world size) and exit."
+)
 @click.option("--print-config", is_flag=True, help="Print the resolved configuration as YAML and exit.")
 def main(config, overrides, check, print_config) -> None:
     """Pretrain a LongNet model: CONFIG (a YAML file) with section.field=value OVERRIDES.
@@ -59,5 +61,8 @@ def main(config, overrides, check, print_config) -> None:
     trainer.close()
     shutdown_distributed()
     if code == REQUEUE_EXIT_CODE and world.rank == 0:
-        click.echo(f"longnet-train: stopped by signal after a checkpoint; exit {REQUEUE_EXIT_CODE} (requeue)", err=True)
+        click.echo(
+            f"longnet-train: stopped by signal after a checkpoint; exit {REQUEUE_EXIT_CODE} (requeue)",
+            err=True,
+        )
     sys.exit(code)

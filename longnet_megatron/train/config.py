@@ -114,7 +114,9 @@ class CheckpointConfig:
     resume: bool = True  # start from <dir>/latest when it exists
     load: str | None = None  # an explicit checkpoint directory to start from (weights, optimizer, ...)
     save_at_end: bool = True
-    optimizer_sharding: str = "dp_reshardable"  # distributed-optimizer format: dp_reshardable, fully_reshardable
+    optimizer_sharding: str = (
+        "dp_reshardable"  # distributed-optimizer format: dp_reshardable, fully_reshardable
+    )
 
 
 @dataclass
@@ -123,7 +125,9 @@ class LoggingConfig:
 
     interval: int = 10  # steps per console line / metrics record
     tensorboard: bool = True
-    peak_tflops: float | None = None  # per-GPU peak for MFU; None: known GPUs (H100/H200 bf16 989), else no MFU
+    peak_tflops: float | None = (
+        None  # per-GPU peak for MFU; None: known GPUs (H100/H200 bf16 989), else no MFU
+    )
 
 
 @dataclass
@@ -166,7 +170,9 @@ class JobConfig:
         return world_size // self.model_parallel_size()
 
     def num_microbatches(self, world_size: int) -> int:
-        return self.train.global_batch_size // (self.train.micro_batch_size * self.data_parallel_size(world_size))
+        return self.train.global_batch_size // (
+            self.train.micro_batch_size * self.data_parallel_size(world_size)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -182,14 +188,16 @@ class JobConfig:
         from longnet_megatron.attention import DilatedAttentionConfig
         from longnet_megatron.model.presets import PRESETS
 
-        m, p, d, t, o, c = self.model, self.parallel, self.data, self.train, self.optim, self.checkpoint
+        m, p, t, o, c = self.model, self.parallel, self.train, self.optim, self.checkpoint
         _choice("model.preset", m.preset, sorted(PRESETS))
         _choice("model.attention_backend", m.attention_backend, ("auto", "reference", "te", "sdpa", "triton"))
         _choice("model.recompute", m.recompute, ("none", "selective", "full"))
         _choice("model.recompute_method", m.recompute_method, ("uniform", "block"))
         _choice("train.precision", t.precision, ("fp32", "bf16", "fp16"))
         _choice("optim.decay_style", o.decay_style, ("cosine", "linear", "constant", "inverse-square-root"))
-        _choice("checkpoint.optimizer_sharding", c.optimizer_sharding, ("dp_reshardable", "fully_reshardable"))
+        _choice(
+            "checkpoint.optimizer_sharding", c.optimizer_sharding, ("dp_reshardable", "fully_reshardable")
+        )
         for key in (
             "parallel.tensor_model_parallel_size",
             "parallel.pipeline_model_parallel_size",
@@ -200,13 +208,27 @@ class JobConfig:
             "model.recompute_num_layers",
         ):
             _positive(key, self.get(key))
-        for key in ("train.eval_interval", "train.eval_iters", "checkpoint.interval", "checkpoint.keep_last",
-                    "optim.warmup_steps", "data.num_workers"):
+        for key in (
+            "train.eval_interval",
+            "train.eval_iters",
+            "checkpoint.interval",
+            "checkpoint.keep_last",
+            "optim.warmup_steps",
+            "data.num_workers",
+        ):
             if self.get(key) < 0:
                 raise ConfigError(f"{key}={self.get(key)} must be >= 0")
-        for key in ("model.num_layers", "model.hidden_size", "model.num_attention_heads",
-                    "model.num_query_groups", "model.ffn_hidden_size", "model.seq_length", "model.vocab_size",
-                    "parallel.virtual_pipeline_model_parallel_size", "optim.decay_steps"):
+        for key in (
+            "model.num_layers",
+            "model.hidden_size",
+            "model.num_attention_heads",
+            "model.num_query_groups",
+            "model.ffn_hidden_size",
+            "model.seq_length",
+            "model.vocab_size",
+            "parallel.virtual_pipeline_model_parallel_size",
+            "optim.decay_steps",
+        ):
             if self.get(key) is not None:
                 _positive(key, self.get(key))
         if not 0.0 <= m.hidden_dropout < 1.0:
@@ -252,9 +274,13 @@ class JobConfig:
                 f"parallel.virtual_pipeline_model_parallel_size={vpp} needs parallel.pipeline_model_parallel_size >= 2"
             )
         if p.sequence_parallel and tp < 2:
-            raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size >= 2")
+            raise ConfigError(
+                "parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size >= 2"
+            )
         if p.overlap_param_gather and not p.use_distributed_optimizer:
-            raise ConfigError("parallel.overlap_param_gather=true needs parallel.use_distributed_optimizer=true")
+            raise ConfigError(
+                "parallel.overlap_param_gather=true needs parallel.use_distributed_optimizer=true"
+            )
         try:
             DilatedAttentionConfig(tuple(arch["segment_lengths"]), tuple(arch["dilation_rates"]))
         except ValueError as e:
@@ -401,7 +427,9 @@ def _split_key(job: JobConfig, key: str) -> tuple[str, str]:
         raise ConfigError(f"{key!r}: keys have the form section.field, e.g. train.steps")
     section, name = parts
     if section not in _section_names(job):
-        raise ConfigError(f"unknown section {section!r} in {key!r}{_did_you_mean(section, _section_names(job))}")
+        raise ConfigError(
+            f"unknown section {section!r} in {key!r}{_did_you_mean(section, _section_names(job))}"
+        )
     fields = _section_names(getattr(job, section))
     if name not in fields:
         raise ConfigError(f"unknown key {key!r}{_did_you_mean(name, fields, prefix=section + '.')}")

@@ -36,7 +36,12 @@ class SyntheticDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, num_samples: int, seq_length: int, vocab_size: int, seed: int) -> None:
-        self.num_samples, self.seq_length, self.vocab_size, self.seed = num_samples, seq_length, vocab_size, seed
+        self.num_samples, self.seq_length, self.vocab_size, self.seed = (
+            num_samples,
+            seq_length,
+            vocab_size,
+            seed,
+        )
 
     def __len__(self) -> int:
         return self.num_samples
@@ -108,14 +113,18 @@ def _gpt_dataset_config(job: JobConfig):
     weights = job.data.weights or [1.0] * len(configs)
     blend_per_split = []
     for i, split in enumerate(SPLITS):
-        present = [(split_prefix(p, split), w) for p, c, w in zip(job.data.prefixes, configs, weights)
-                   if c.blend_per_split[i] is not None and w > 0]
+        present = [
+            (split_prefix(p, split), w)
+            for p, c, w in zip(job.data.prefixes, configs, weights)
+            if c.blend_per_split[i] is not None and w > 0
+        ]
         blend_per_split.append(([p for p, _ in present], [w for _, w in present]) if present else None)
     return dataclasses.replace(configs[0], blend_per_split=blend_per_split)
 
 
-def build_datasets(job: JobConfig, seq_length: int, vocab_size: int, num_train_samples: int,
-                   num_valid_samples: int) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset | None]:
+def build_datasets(
+    job: JobConfig, seq_length: int, vocab_size: int, num_train_samples: int, num_valid_samples: int
+) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset | None]:
     """(train, valid) datasets of at least the given numbers of samples (valid is None when absent)."""
     if job.data.synthetic:
         log.warning("data: SYNTHETIC random tokens (data.synthetic=true): throughput only, nothing to learn")
@@ -136,8 +145,9 @@ def build_datasets(job: JobConfig, seq_length: int, vocab_size: int, num_train_s
 class ResumableBatchSampler:
     """Index lists of one data-parallel rank's micro-batches, from ``consumed_samples`` on (see module doc)."""
 
-    def __init__(self, num_samples: int, consumed_samples: int, micro_batch_size: int, dp_rank: int,
-                 dp_size: int) -> None:
+    def __init__(
+        self, num_samples: int, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int
+    ) -> None:
         self.num_samples, self.consumed = num_samples, consumed_samples
         self.mbs, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
 
@@ -153,12 +163,21 @@ class ResumableBatchSampler:
         return max(0, (self.num_samples - self.consumed) // (self.mbs * self.dp_size))
 
 
-def micro_batches(dataset: torch.utils.data.Dataset, consumed_samples: int, micro_batch_size: int,
-                  dp_rank: int, dp_size: int, num_workers: int = 0) -> Iterator[Batch]:
+def micro_batches(
+    dataset: torch.utils.data.Dataset,
+    consumed_samples: int,
+    micro_batch_size: int,
+    dp_rank: int,
+    dp_size: int,
+    num_workers: int = 0,
+) -> Iterator[Batch]:
     """An endless-enough iterator over this rank's micro-batches (collated, on the CPU)."""
     sampler = ResumableBatchSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
     )
     return iter(loader)

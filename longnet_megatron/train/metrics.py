@@ -38,15 +38,26 @@ def attention_pairs(seq_length: int, num_heads: int, patterns, causal: bool = Tr
     return total
 
 
-def training_flops_per_sequence(*, num_layers: int, hidden_size: int, num_heads: int, kv_heads: int,
-                                ffn_hidden_size: int, vocab_size: int, seq_length: int, patterns,
-                                causal: bool = True) -> float:
+def training_flops_per_sequence(
+    *,
+    num_layers: int,
+    hidden_size: int,
+    num_heads: int,
+    kv_heads: int,
+    ffn_hidden_size: int,
+    vocab_size: int,
+    seq_length: int,
+    patterns,
+    causal: bool = True,
+) -> float:
     """Useful training FLOPs (forward + backward) of one sequence of ``seq_length`` tokens."""
     d = hidden_size // num_heads
     per_token_layer = 2 * hidden_size * (num_heads + 2 * kv_heads) * d + 2 * num_heads * d * hidden_size
     per_token_layer += 4 * hidden_size * ffn_hidden_size
     attention = 4 * d * attention_pairs(seq_length, num_heads, patterns, causal)
-    forward = num_layers * (per_token_layer * seq_length + attention) + 2 * hidden_size * vocab_size * seq_length
+    forward = (
+        num_layers * (per_token_layer * seq_length + attention) + 2 * hidden_size * vocab_size * seq_length
+    )
     return 3.0 * forward
 
 

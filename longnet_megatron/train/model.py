@@ -34,7 +34,9 @@ def resolve_preset(job: JobConfig, vocab_size: int | None):
         num_query_groups=arch["num_query_groups"],
         ffn_hidden_size=arch["ffn_hidden_size"],
         seq_length=job.seq_length(),
-        dilated_attention=DilatedAttentionConfig(tuple(arch["segment_lengths"]), tuple(arch["dilation_rates"])),
+        dilated_attention=DilatedAttentionConfig(
+            tuple(arch["segment_lengths"]), tuple(arch["dilation_rates"])
+        ),
         vocab_size=vocab,
     )
 
@@ -68,9 +70,11 @@ def transformer_config(job: JobConfig, preset) -> Any:
 
 
 def build_model_chunks(job: JobConfig, preset, config, device: torch.device) -> list[torch.nn.Module]:
-    """This rank's chunks (one per virtual pipeline stage) wrapped in Megatron's DDP."""
+    """This rank's chunks (one per virtual pipeline stage) wrapped in Megatron's DDP (and Float16Module
+    under bf16/fp16, as Megatron-LM's get_model does); :func:`unwrap` returns the GPTModels."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
 
     from longnet_megatron.model import build_longnet_gpt
 
@@ -86,7 +90,11 @@ def build_model_chunks(job: JobConfig, preset, config, device: torch.device) -> 
             vp_stage=stage,
             use_te=job.model.use_te,
         )
-        chunks.append(module.to(device))
+        module = module.to(device)
+        if job.train.precision != "fp32":
+            # Casts the first stage's inputs to bf16/fp16 and the last stage's outputs back to fp32.
+            module = Float16Module(config, module)
+        chunks.append(module)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=job.parallel.overlap_grad_reduce,
@@ -99,3 +107,9 @@ def build_model_chunks(job: JobConfig, preset, config, device: torch.device) -> 
         for i, chunk in enumerate(chunks)
     ]
 
+
+def unwrap(chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """The GPTModels inside DDP / Float16Module wrappers."""
+    from megatron.core.utils import unwrap_model
+
+    return unwrap_model(chunks)

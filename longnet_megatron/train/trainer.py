@@ -29,7 +29,7 @@ from longnet_megatron.train.checkpoint import Checkpointer, latest_checkpoint
 from longnet_megatron.train.config import JobConfig, dump_config
 from longnet_megatron.train.distributed import World, init_distributed, world_from_env
 from longnet_megatron.train.metrics import MetricsWriter, memory_gib, peak_tflops, training_flops_per_sequence
-from longnet_megatron.train.model import build_model_chunks, resolve_preset, transformer_config
+from longnet_megatron.train.model import build_model_chunks, resolve_preset, transformer_config, unwrap
 from longnet_megatron.train.optim import build_optimizer, build_scheduler
 from longnet_megatron.train.signals import REQUEUE_EXIT_CODE, ExitSignals
 
@@ -76,7 +76,7 @@ class Trainer:
         self.model_config = transformer_config(job, self.preset)
         self.chunks = build_model_chunks(job, self.preset, self.model_config, self.device)
         if init_weights is not None:
-            init_weights([chunk.module for chunk in self.chunks])
+            init_weights(unwrap(self.chunks))
             for chunk in self.chunks:
                 chunk.broadcast_params()  # keep data-parallel replicas identical
 
@@ -106,13 +106,18 @@ class Trainer:
 
         # Checkpoint: resume from `latest` (or an explicit checkpoint.load).
         self.step, self.consumed_samples = 0, 0
-        self.checkpointer = Checkpointer(job.checkpoint_dir, job.checkpoint.keep_last,
-                                         job.checkpoint.optimizer_sharding)
-        resume = job.checkpoint.load or (latest_checkpoint(job.checkpoint_dir) if job.checkpoint.resume else None)
+        self.checkpointer = Checkpointer(
+            job.checkpoint_dir, job.checkpoint.keep_last, job.checkpoint.optimizer_sharding
+        )
+        resume = job.checkpoint.load or (
+            latest_checkpoint(job.checkpoint_dir) if job.checkpoint.resume else None
+        )
         if resume:
             state = self.checkpointer.load(resume, self.chunks, self.optimizer, self.scheduler)
             self.step, self.consumed_samples = int(state["step"]), int(state["consumed_samples"])
-            log.info("resumed from %s at step %d (%d samples consumed)", resume, self.step, self.consumed_samples)
+            log.info(
+                "resumed from %s at step %d (%d samples consumed)", resume, self.step, self.consumed_samples
+            )
 
         # Data from the resumed position; validation always reads the same first eval_iters batches.
         t = job.train
@@ -154,8 +159,14 @@ class Trainer:
     def _iterators(self, dataset, consumed: int) -> list:
         """One iterator per model chunk (interleaved schedules read each chunk's own)."""
         return [
-            data_lib.micro_batches(dataset, consumed, self.job.train.micro_batch_size, self.dp_rank,
-                                   self.dp_size, self.job.data.num_workers)
+            data_lib.micro_batches(
+                dataset,
+                consumed,
+                self.job.train.micro_batch_size,
+                self.dp_rank,
+                self.dp_size,
+                self.job.data.num_workers,
+            )
             for _ in self.chunks
         ]
 
@@ -204,10 +215,22 @@ class Trainer:
         log.info(
             "LongNet %s: L=%d, vocab %d, %s params on rank 0 | world %d = tp %d x pp %d x cp %d x dp %d | "
             "global batch %d = micro %d x %d micro-batches x dp %d | %s on %s | run dir %s",
-            self.job.model.preset, self.seq_length, self.preset.vocab_size, f"{params:,}", self.world_size,
-            p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size,
-            self.dp_size, self.global_batch, t.micro_batch_size, self.num_microbatches, self.dp_size,
-            t.precision, self.device.type, self.job.run_dir,
+            self.job.model.preset,
+            self.seq_length,
+            self.preset.vocab_size,
+            f"{params:,}",
+            self.world_size,
+            p.tensor_model_parallel_size,
+            p.pipeline_model_parallel_size,
+            p.context_parallel_size,
+            self.dp_size,
+            self.global_batch,
+            t.micro_batch_size,
+            self.num_microbatches,
+            self.dp_size,
+            t.precision,
+            self.device.type,
+            self.job.run_dir,
         )
         if self.job.data.synthetic:
             log.warning("data: SYNTHETIC random tokens: the loss cannot fall; for throughput only")
@@ -277,7 +300,10 @@ class Trainer:
 
     def save(self) -> str:
         path = self.checkpointer.save(
-            self.step, self.chunks, self.optimizer, self.scheduler,
+            self.step,
+            self.chunks,
+            self.optimizer,
+            self.scheduler,
             {"step": self.step, "consumed_samples": self.consumed_samples},
             self.checkpoint_metadata(),
         )
@@ -307,21 +333,23 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 step_time = elapsed / len(window)
                 tflops = self.flops_per_step / step_time / self.world_size / 1e12
-                self.metrics.write({
-                    "kind": "train",
-                    "step": self.step,
-                    "steps": t.steps,
-                    "loss": float(np.mean([r["loss"] for r in window])),
-                    "lr": record["lr"],
-                    "grad_norm": record["grad_norm"],
-                    "skipped": sum(r["skipped"] for r in window),
-                    "tokens_per_s": tokens_per_step / step_time,
-                    "tflops_per_gpu": tflops,
-                    "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
-                    "memory_gib": memory_gib(),
-                    "step_time_s": step_time,
-                    "consumed_samples": self.consumed_samples,
-                })
+                self.metrics.write(
+                    {
+                        "kind": "train",
+                        "step": self.step,
+                        "steps": t.steps,
+                        "loss": float(np.mean([r["loss"] for r in window])),
+                        "lr": record["lr"],
+                        "grad_norm": record["grad_norm"],
+                        "skipped": sum(r["skipped"] for r in window),
+                        "tokens_per_s": tokens_per_step / step_time,
+                        "tflops_per_gpu": tflops,
+                        "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+                        "memory_gib": memory_gib(),
+                        "step_time_s": step_time,
+                        "consumed_samples": self.consumed_samples,
+                    }
+                )
                 window, window_start = [], time.perf_counter()
 
             if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps):
@@ -331,8 +359,12 @@ class Trainer:
                 window_start = time.perf_counter()  # validation time is not step time
 
             if self.signals is not None and self.signals.any_rank_received(self.device):
-                log.warning("exit signal (%s) received: checkpointing at step %d, then exit %d for requeue",
-                            self.signals.received or "on another rank", self.step, REQUEUE_EXIT_CODE)
+                log.warning(
+                    "exit signal (%s) received: checkpointing at step %d, then exit %d for requeue",
+                    self.signals.received or "on another rank",
+                    self.step,
+                    REQUEUE_EXIT_CODE,
+                )
                 self.save()
                 exit_code = REQUEUE_EXIT_CODE
                 break

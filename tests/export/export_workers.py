@@ -278,7 +278,6 @@ def conversion_worker(root: str) -> dict:
 
     from longnet_megatron.export.cli import main as cli
     from longnet_megatron.export.errors import ConversionError
-    from longnet_megatron.export.hf_to_megatron import import_from_hf
     from longnet_megatron.export.megatron_to_hf import export_to_hf
 
     allow_child_processes()
@@ -298,7 +297,14 @@ def conversion_worker(root: str) -> dict:
 
     export_to_hf(trainer_style_copy(root), root / "hf_trainer_style")
 
-    import_from_hf(root / "hf_tp2", root / "back", iteration=7)
+    result = CliRunner().invoke(
+        cli, ["from-hf", str(root / "hf_tp2"), str(root / "back"), "--iteration", "7"]
+    )
+    out["cli_from_hf"] = {
+        "exit_code": result.exit_code,
+        "output": result.output,
+        "error": repr(result.exception),
+    }
     original, back = _full_state(root / "tp2"), _full_state(root / "back")
     out["round_trip"] = {
         "names": (sorted(original), sorted(back)),

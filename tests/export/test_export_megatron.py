@@ -59,6 +59,7 @@ def test_export_folder_has_everything_a_user_needs(converted, workdir):
 
 
 def test_megatron_to_hf_to_megatron_gives_identical_tensors(converted):
+    assert converted["cli_from_hf"]["exit_code"] == 0, converted["cli_from_hf"]
     names_original, names_back = converted["round_trip"]["names"]
     assert names_original == names_back
     assert converted["round_trip"]["unequal"] == []

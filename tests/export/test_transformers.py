@@ -6,6 +6,7 @@ Skipped only when transformers is not installed (it is optional: ``pip install t
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -14,13 +15,17 @@ from longnet_megatron.export import LongNetForCausalLM, generate
 
 from . import export_workers as workers
 
-transformers = pytest.importorskip("transformers", reason="transformers is optional and not installed")
+# trust_remote_code copies the modeling files into a module cache that transformers locates when it is
+# imported: keep it out of the home directory, and never reach for the network.
+os.environ.setdefault("HF_MODULES_CACHE", os.path.join(tempfile.gettempdir(), "longnet-export-hf-modules"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is optional and not installed", exc_type=ImportError
+)
 
 
 @pytest.fixture(scope="module")
-def hf_model(converted, workdir, tmp_path_factory):
-    # trust_remote_code copies the modeling files into this cache; keep it out of the home directory.
-    os.environ["HF_MODULES_CACHE"] = str(tmp_path_factory.mktemp("hf_modules"))
+def hf_model(converted, workdir):
     return transformers.AutoModelForCausalLM.from_pretrained(
         workdir / "hf_tp2", trust_remote_code=True
     ).eval()

@@ -21,6 +21,8 @@ def packed_prefix(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("data")
     stdlib = sysconfig.get_paths()["stdlib"]
     files = sorted(glob.glob(os.path.join(stdlib, "*.py")))[:40]
-    tokenize_corpus(files, str(root / "lib"), tokenizer="bytes", workers=1, progress=False, log=lambda m: None)
+    tokenize_corpus(
+        files, str(root / "lib"), tokenizer="bytes", workers=1, progress=False, log=lambda m: None
+    )
     pack_datasets([str(root / "lib")], str(root / "packed"), seq_length=SEQ, split="95,5,0", progress=False)
     return str(root / "packed")

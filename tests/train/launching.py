@@ -12,13 +12,23 @@ from tests.train.conftest import REPO
 
 
 def launch_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    }
     env.update(PYTHONPATH=REPO, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra)
     return env
 
 
 def train_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "longnet_megatron.train", os.path.join(REPO, "configs", "tiny_cpu.yaml"), *args]
+    return [
+        sys.executable,
+        "-m",
+        "longnet_megatron.train",
+        os.path.join(REPO, "configs", "tiny_cpu.yaml"),
+        *args,
+    ]
 
 
 def read_metrics(run_dir: str, kind: str = "train") -> list[dict]:

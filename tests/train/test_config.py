@@ -19,8 +19,16 @@ def job(packed_prefix, *overrides: str) -> JobConfig:
 
 
 def test_overrides_are_typed_and_applied_in_order(packed_prefix):
-    cfg = job(packed_prefix, "optim.lr=3e-4", "train.steps=7", "train.steps=90", "model.use_te=null",
-              "model.segment_lengths=[32,64]", "model.dilation_rates=[1,2]", "data.weights=[1]")
+    cfg = job(
+        packed_prefix,
+        "optim.lr=3e-4",
+        "train.steps=7",
+        "train.steps=90",
+        "model.use_te=null",
+        "model.segment_lengths=[32,64]",
+        "model.dilation_rates=[1,2]",
+        "data.weights=[1]",
+    )
     assert cfg.optim.lr == 3e-4 and cfg.train.steps == 90 and cfg.model.use_te is None
     assert cfg.model.segment_lengths == [32, 64] and cfg.data.weights == [1.0]
     cfg.validate(world_size=1)
@@ -30,29 +38,51 @@ def test_overrides_are_typed_and_applied_in_order(packed_prefix):
 @pytest.mark.parametrize(
     "overrides, world, message",
     [
-        (["parallel.tensor_model_parallel_size=3"], 3,
-         "model.num_attention_heads=4 is not divisible by parallel.tensor_model_parallel_size=3"),
-        (["model.num_attention_heads=6", "model.hidden_size=66", "parallel.tensor_model_parallel_size=4"], 4,
-         "model.num_attention_heads=6 is not divisible by parallel.tensor_model_parallel_size=4"),
-        (["model.num_layers=3", "parallel.pipeline_model_parallel_size=2"], 2,
-         "model.num_layers=3 is not divisible by parallel.pipeline_model_parallel_size=2"),
-        (["parallel.context_parallel_size=3"], 3,
-         "model.seq_length=128 is not divisible by parallel.context_parallel_size=3"),
+        (
+            ["parallel.tensor_model_parallel_size=3"],
+            3,
+            "model.num_attention_heads=4 is not divisible by parallel.tensor_model_parallel_size=3",
+        ),
+        (
+            ["model.num_attention_heads=6", "model.hidden_size=66", "parallel.tensor_model_parallel_size=4"],
+            4,
+            "model.num_attention_heads=6 is not divisible by parallel.tensor_model_parallel_size=4",
+        ),
+        (
+            ["model.num_layers=3", "parallel.pipeline_model_parallel_size=2"],
+            2,
+            "model.num_layers=3 is not divisible by parallel.pipeline_model_parallel_size=2",
+        ),
+        (
+            ["parallel.context_parallel_size=3"],
+            3,
+            "model.seq_length=128 is not divisible by parallel.context_parallel_size=3",
+        ),
         (["model.segment_lengths=[64,32]", "model.dilation_rates=[1,2]"], 1, "model.segment_lengths"),
         (["model.segment_lengths=[64,128]", "model.dilation_rates=[2,4]"], 1, "model.segment_lengths"),
         (["data.prefixes=[/nonexistent/packed]"], 1, "data.prefixes[0]='/nonexistent/packed'"),
         (["data.prefixes=[]"], 1, "data.prefixes is empty"),
         (["model.seq_length=256"], 1, "model.seq_length=256 differs from the data's packed length 128"),
-        (["train.global_batch_size=6", "train.micro_batch_size=4"], 1,
-         "train.global_batch_size=6 is not divisible by train.micro_batch_size=4"),
-        (["train.global_batch_size=4", "train.micro_batch_size=4"], 2,
-         "train.global_batch_size=4 is not divisible by train.micro_batch_size=4 * data-parallel size 2"),
+        (
+            ["train.global_batch_size=6", "train.micro_batch_size=4"],
+            1,
+            "train.global_batch_size=6 is not divisible by train.micro_batch_size=4",
+        ),
+        (
+            ["train.global_batch_size=4", "train.micro_batch_size=4"],
+            2,
+            "train.global_batch_size=4 is not divisible by train.micro_batch_size=4 * data-parallel size 2",
+        ),
         (["parallel.tensor_model_parallel_size=2"], 3, "the world size 3 is not divisible"),
         (["train.precision=fp8"], 1, "train.precision='fp8' is not one of"),
         (["model.preset=13b"], 1, "model.preset='13b' is not one of"),
         (["optim.warmup_steps=400"], 1, "optim.warmup_steps=400 must be shorter than the decay"),
         (["parallel.sequence_parallel=true"], 1, "parallel.sequence_parallel=true needs"),
-        (["parallel.virtual_pipeline_model_parallel_size=2"], 1, "needs parallel.pipeline_model_parallel_size >= 2"),
+        (
+            ["parallel.virtual_pipeline_model_parallel_size=2"],
+            1,
+            "needs parallel.pipeline_model_parallel_size >= 2",
+        ),
         (["data.weights=[1,2]"], 1, "data.weights has 2 entries for 1 data.prefixes"),
     ],
 )
@@ -93,10 +123,21 @@ def test_cli_rejects_a_bad_config_before_starting(packed_prefix):
     env = launch_env(RANK="0", WORLD_SIZE="4", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
     result = subprocess.run(
         train_command(f"data.prefixes=[{packed_prefix}]", "parallel.tensor_model_parallel_size=3", "--check"),
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
-    assert "model.num_attention_heads=4 is not divisible by parallel.tensor_model_parallel_size=3" in result.stderr
-    ok = subprocess.run(train_command(f"data.prefixes=[{packed_prefix}]", "--check"),
-                        env=launch_env(), capture_output=True, text=True, timeout=120)
+    assert (
+        "model.num_attention_heads=4 is not divisible by parallel.tensor_model_parallel_size=3"
+        in result.stderr
+    )
+    ok = subprocess.run(
+        train_command(f"data.prefixes=[{packed_prefix}]", "--check"),
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ok.returncode == 0 and "configuration OK" in ok.stdout

@@ -78,10 +78,19 @@ def _job_env(fake_slurm, run_root) -> dict[str, str]:
 
 def _job_args(prefix: str, steps: int) -> list[str]:
     return [
-        "bash", os.path.join(REPO, "launch", "pretrain.sh"), "configs/tiny_cpu.yaml",
-        f"data.prefixes=[{prefix}]", f"train.steps={steps}", "train.micro_batch_size=1",
-        "train.global_batch_size=4", "optim.warmup_steps=1", "optim.decay_steps=1000", "train.eval_interval=0",
-        "logging.interval=1", "logging.tensorboard=false", "checkpoint.interval=0",
+        "bash",
+        os.path.join(REPO, "launch", "pretrain.sh"),
+        "configs/tiny_cpu.yaml",
+        f"data.prefixes=[{prefix}]",
+        f"train.steps={steps}",
+        "train.micro_batch_size=1",
+        "train.global_batch_size=4",
+        "optim.warmup_steps=1",
+        "optim.decay_steps=1000",
+        "train.eval_interval=0",
+        "logging.interval=1",
+        "logging.tensorboard=false",
+        "checkpoint.interval=0",
     ]
 
 
@@ -90,8 +99,14 @@ def test_pretrain_sh_checkpoints_on_usr1_requeues_and_resumes(packed_prefix, fak
     run_root = tmp_path / "runs"
     run_dir = str(run_root / "fake-4242")
     env = _job_env(fake_slurm, run_root)
-    job = subprocess.Popen(_job_args(packed_prefix, 500), env=env, cwd=str(tmp_path), text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    job = subprocess.Popen(
+        _job_args(packed_prefix, 500),
+        env=env,
+        cwd=str(tmp_path),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     wait_for_step(run_dir, 2, job)
     # What `#SBATCH --signal=USR1@300` does before the time limit: signal every task of the step.
     for pid in (fake_slurm / "task_pids").read_text().split():
@@ -105,8 +120,15 @@ def test_pretrain_sh_checkpoints_on_usr1_requeues_and_resumes(packed_prefix, fak
 
     # The requeued job (same id, same run directory) resumes where the first one stopped.
     env["MASTER_PORT"] = str(_free_port())
-    rerun = subprocess.run(_job_args(packed_prefix, stopped_at + 2), env=env, cwd=str(tmp_path), text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=180)
+    rerun = subprocess.run(
+        _job_args(packed_prefix, stopped_at + 2),
+        env=env,
+        cwd=str(tmp_path),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        timeout=180,
+    )
     assert rerun.returncode == 0, rerun.stdout[-3000:]
     steps = [r["step"] for r in read_metrics(run_dir)]
     assert steps == list(range(1, stopped_at + 3))
@@ -115,13 +137,23 @@ def test_pretrain_sh_checkpoints_on_usr1_requeues_and_resumes(packed_prefix, fak
 
 def test_pretrain_sh_refuses_to_run_outside_slurm(tmp_path):
     env = launch_env()
-    result = subprocess.run(["bash", os.path.join(REPO, "launch", "pretrain.sh"), "configs/tiny_cpu.yaml"],
-                            env=env, cwd=REPO, capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        ["bash", os.path.join(REPO, "launch", "pretrain.sh"), "configs/tiny_cpu.yaml"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode != 0 and "SLURM" in result.stderr
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed (apt-get install shellcheck)")
+@pytest.mark.skipif(
+    shutil.which("shellcheck") is None, reason="shellcheck is not installed (apt-get install shellcheck)"
+)
 def test_launch_scripts_are_shellcheck_clean():
-    scripts = sorted(os.path.join(REPO, "launch", n) for n in os.listdir(os.path.join(REPO, "launch")) if n.endswith(".sh"))
+    scripts = sorted(
+        os.path.join(REPO, "launch", n) for n in os.listdir(os.path.join(REPO, "launch")) if n.endswith(".sh")
+    )
     result = subprocess.run(["shellcheck", *scripts], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout

@@ -11,7 +11,12 @@ STEPS = 4
 # Global batch 4 of micro-batches of 1: 4 micro-batches on one rank, 2 per rank under DP=2, and a real
 # 1F1B schedule (4 micro-batches over 2 stages) under PP=2.
 # The vocabulary is padded to a multiple of 64 * tp: fix it so every layout has the same softmax.
-COMMON = ["train.micro_batch_size=1", "train.global_batch_size=4", "optim.warmup_steps=1", "model.vocab_size=384"]
+COMMON = [
+    "train.micro_batch_size=1",
+    "train.global_batch_size=4",
+    "optim.warmup_steps=1",
+    "model.vocab_size=384",
+]
 LAYOUTS = {
     "tp2": ["parallel.tensor_model_parallel_size=2"],
     "pp2": ["parallel.pipeline_model_parallel_size=2"],
@@ -27,7 +32,10 @@ pytestmark = pytest.mark.slow
 def single(packed_prefix, tmp_path_factory) -> dict:
     run_dir = str(tmp_path_factory.mktemp("single"))
     (result,) = run_distributed(
-        train_workers.single_process_worker, 1, layout=None, args=(packed_prefix, run_dir, COMMON, STEPS),
+        train_workers.single_process_worker,
+        1,
+        layout=None,
+        args=(packed_prefix, run_dir, COMMON, STEPS),
         threads_per_rank=2,
     )
     return result
@@ -42,7 +50,9 @@ def test_tiny_loss_falls(single):
 
 def test_parallel_layouts_match_one_process(single, packed_prefix, tmp_path):
     results = run_distributed(
-        train_workers.layouts_worker, 2, layout=None,
+        train_workers.layouts_worker,
+        2,
+        layout=None,
         args=(packed_prefix, str(tmp_path), COMMON, STEPS, LAYOUTS, single["state"]),
     )
     reference = single["reference"]
@@ -50,4 +60,3 @@ def test_parallel_layouts_match_one_process(single, packed_prefix, tmp_path):
     for name in LAYOUTS:
         for rank, per_rank in enumerate(results):
             assert per_rank[name] == pytest.approx(reference, rel=2e-5, abs=2e-5), (name, rank)
-

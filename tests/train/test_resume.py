@@ -35,10 +35,20 @@ def _args(prefix: str, run_dir: str) -> list[str]:
 def test_sigterm_checkpoint_and_resume_reproduce_the_uninterrupted_run(packed_prefix, tmp_path):
     straight_dir, resumed_dir = str(tmp_path / "straight"), str(tmp_path / "resumed")
     env = launch_env()
-    straight = subprocess.Popen(train_command(*_args(packed_prefix, straight_dir), "checkpoint.save_at_end=false"),
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    interrupted = subprocess.Popen(train_command(*_args(packed_prefix, resumed_dir)), env=env,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    straight = subprocess.Popen(
+        train_command(*_args(packed_prefix, straight_dir), "checkpoint.save_at_end=false"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    interrupted = subprocess.Popen(
+        train_command(*_args(packed_prefix, resumed_dir)),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     # A real SIGTERM (what SLURM sends on preemption) once step 8 is logged; the trainer finishes its
     # step, checkpoints and exits with the requeue code.
     wait_for_step(resumed_dir, 8, interrupted)
@@ -54,8 +64,13 @@ def test_sigterm_checkpoint_and_resume_reproduce_the_uninterrupted_run(packed_pr
     assert meta["model"]["dilated_attention"]["per_layer"]
 
     # The same command again resumes from `latest` and finishes the run.
-    resumed = subprocess.run(train_command(*_args(packed_prefix, resumed_dir)), env=env,
-                             capture_output=True, text=True, timeout=180)
+    resumed = subprocess.run(
+        train_command(*_args(packed_prefix, resumed_dir)),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _, err = straight.communicate(timeout=180)
     assert straight.returncode == 0, err[-3000:]
@@ -65,4 +80,7 @@ def test_sigterm_checkpoint_and_resume_reproduce_the_uninterrupted_run(packed_pr
     assert [s for s, _, _ in got] == list(range(1, STEPS + 1))
     assert got == want  # bit-identical: weights, Adam moments, schedule, RNG and data position restored
     assert latest_checkpoint(os.path.join(resumed_dir, "checkpoints")).endswith(f"iter_{STEPS:07d}")
-    assert sorted(os.listdir(os.path.join(resumed_dir, "checkpoints"))) == ["iter_0000020", "latest"]  # keep_last=1
+    assert sorted(os.listdir(os.path.join(resumed_dir, "checkpoints"))) == [
+        "iter_0000020",
+        "latest",
+    ]  # keep_last=1

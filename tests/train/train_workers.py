@@ -76,8 +76,14 @@ def single_process_worker(prefix: str, run_dir: str, layout_overrides: list[str]
     return {"reference": reference, "state": captured["state"], "falling": falling}
 
 
-def layouts_worker(prefix: str, run_dir: str, layout_overrides: list[str], steps: int,
-                   layouts: dict[str, list[str]], full_state: dict) -> dict[str, list[float]]:
+def layouts_worker(
+    prefix: str,
+    run_dir: str,
+    layout_overrides: list[str],
+    steps: int,
+    layouts: dict[str, list[str]],
+    full_state: dict,
+) -> dict[str, list[float]]:
     """Each named layout's losses from the same initial weights (one group, layouts in turn)."""
     out = {}
     for name, layout in layouts.items():
