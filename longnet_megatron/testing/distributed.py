@@ -169,7 +169,9 @@ def run_distributed(
         ctx.Process(
             target=_worker,
             args=(rank, world_size, port, fn, args, kwargs or {}, layout, seed, threads_per_rank, results),
-            daemon=True,
+            # Not daemonic: ranks may start processes of their own (Megatron's dist-checkpoint
+            # writer does); the finally block below reaps every rank, whatever happens.
+            daemon=False,
         )
         for rank in range(world_size)
     ]

@@ -13,7 +13,6 @@ Workers return plain tensors, dicts and strings; the assertions live in the test
 from __future__ import annotations
 
 import json
-import multiprocessing
 import shutil
 import zlib
 from pathlib import Path
@@ -155,15 +154,9 @@ def save_case(name: str, root: Path) -> dict:
     return {"logits": logits[0] if logits else None}
 
 
-def allow_child_processes() -> None:
-    """Let this (daemonic) harness rank start processes: Megatron's dist-checkpoint writer forks."""
-    multiprocessing.current_process()._config["daemon"] = False
-
-
 def saving_worker(root: str) -> dict:
     """Rank r's view: saved checkpoints and logits for TP=2 and PP=2; training losses from the TP=2
     checkpoint in its own layout and from its PP=2 reshard."""
-    allow_child_processes()
     root = Path(root)
     out: dict = {}
 
@@ -280,7 +273,6 @@ def conversion_worker(root: str) -> dict:
     from longnet_megatron.export.errors import ConversionError
     from longnet_megatron.export.megatron_to_hf import export_to_hf
 
-    allow_child_processes()
     root = Path(root)
     out: dict = {}
     export_to_hf(root / "tp2", root / "hf_tp2")
