@@ -130,7 +130,7 @@ def format_record(r: dict[str, Any]) -> str:
         f"lr {r['lr']:.3e}",
         f"grad norm {r['grad_norm']:.3f}",
         f"{r['tokens_per_s']:,.0f} tok/s",
-        f"{r['tflops_per_gpu']:.2f} TFLOP/s/GPU",
+        f"{r['tflops_per_gpu']:.3g} TFLOP/s/GPU",
     ]
     if r.get("mfu") is not None:
         parts.append(f"MFU {100 * r['mfu']:.1f}%")

@@ -4,10 +4,12 @@ SLURM sends SIGUSR1 (``#SBATCH --signal=USR1@300``: 300 s before the time limit)
 (preemption, ``scancel``). The handler only sets a flag; the trainer checks it after every step,
 agrees on it over all ranks (a signal may reach the ranks at different steps), saves a checkpoint and
 exits with :data:`REQUEUE_EXIT_CODE`, on which ``launch/pretrain.sh`` runs ``scontrol requeue``.
+A second signal of the same kind kills the process at once.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import types
 
@@ -24,7 +26,8 @@ class ExitSignals:
     """Remembers SIGTERM / SIGUSR1 instead of dying on them."""
 
     def __init__(self) -> None:
-        self.received: str | None = None
+        self.received: str | None = None  # the first signal's name
+        self._seen: set[int] = set()
         self._previous: dict[int, object] = {}
 
     def install(self) -> ExitSignals:
@@ -38,7 +41,14 @@ class ExitSignals:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: types.FrameType | None) -> None:
-        self.received = signal.Signals(signum).name
+        if signum in self._seen:
+            # The same signal again: the graceful path is not getting there (e.g. stuck in I/O); die now.
+            # (A SIGTERM after SIGUSR1 is SLURM's time limit arriving: keep saving until SIGKILL.)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self._seen.add(signum)
+        self.received = self.received or signal.Signals(signum).name
 
     def any_rank_received(self, device: torch.device) -> bool:
         """Whether any rank has received a signal (a collective: call it on every rank each step)."""

@@ -27,7 +27,9 @@ pytestmark = pytest.mark.gpu
 
 TOLERANCE = 1e-2
 # LONGNET_TEST_BACKENDS=te,sdpa-flash restricts the run (one process per backend isolates a crash).
-BACKENDS = os.environ.get("LONGNET_TEST_BACKENDS", "te,sdpa,sdpa-cudnn,sdpa-flash,sdpa-efficient").split(",")
+BACKENDS = os.environ.get(
+    "LONGNET_TEST_BACKENDS", "te,sdpa,sdpa-cudnn,sdpa-flash,sdpa-efficient,triton"
+).split(",")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # The named cases with kernel-sized heads, and longer ones (batches of many segments).
@@ -143,10 +145,10 @@ def test_auto_choice_prefers_fused_kernels():
     q32 = q.float()
     backend = get_backend("auto", q32)
     assert backend.name == "sdpa" and backend.select(q32) == "efficient"
-    # The order itself: sdpa, then te where it imports, then the reference.
+    # The order itself: sdpa, then te where it imports, then the project's triton kernel, then the reference.
     from longnet_megatron.attention.backends import _AUTO_ORDER
 
-    assert _AUTO_ORDER == ["sdpa", "te", "reference"]
+    assert _AUTO_ORDER == ["sdpa", "te", "triton", "reference"]
 
 
 def test_override_by_environment(monkeypatch):

@@ -92,3 +92,15 @@ def layouts_worker(
             init_weights=lambda models: _load_full_state(full_state, models),
         )
     return out
+
+
+def blend_worker(prefix: str, cache_dir: str) -> dict:
+    """Two prefixes blended 3:1 through BlendedMegatronDatasetBuilder (it needs a process group)."""
+    from longnet_megatron.train import data as data_lib
+
+    job = load_config(
+        TINY, [f"data.prefixes=[{prefix},{prefix}]", "data.weights=[3,1]", f"data.cache_dir={cache_dir}"]
+    )
+    job.validate(world_size=1)
+    train, valid = data_lib.build_datasets(job, 128, 257, num_train_samples=40, num_valid_samples=4)
+    return {"train_len": len(train), "valid": valid is not None, "sample": train[0]}

@@ -50,6 +50,9 @@ def register_backend(
         _AUTO_ORDER.insert(auto_rank, name)
 
 
+register_backend("triton", ".triton_kernel:TritonBackend", auto_rank=2)  # the project's own; after sdpa, te
+
+
 def available_backends() -> list[str]:
     """Names of all registered backends (importable or not)."""
     return sorted(_REGISTRY)
