@@ -18,6 +18,9 @@ install: $(BIN)/activate
 	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
 	$(BIN)/pip install -q --no-deps -e .
 
+demo: install
+	PATH="$(abspath $(BIN)):$$PATH" PYTHON=$(abspath $(BIN))/python bash launch/demo.sh
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
