@@ -113,6 +113,10 @@ class CheckpointConfig:
     keep_last: int = 3  # older checkpoints are deleted after a newer save completes; 0: keep all
     resume: bool = True  # start from <dir>/latest when it exists
     load: str | None = None  # an explicit checkpoint directory to start from (weights, optimizer, ...)
+    # Weights only, when nothing is resumed: a checkpoint or run directory saved in ANY parallel layout
+    # (another run, `longnet-convert reshard` / `from-hf` output). Optimizer, scheduler and data start
+    # fresh, as Megatron-LM's --finetune does.
+    init_from: str | None = None
     save_at_end: bool = True
     optimizer_sharding: str = (
         "dp_reshardable"  # distributed-optimizer format: dp_reshardable, fully_reshardable
@@ -198,6 +202,10 @@ class JobConfig:
         _choice(
             "checkpoint.optimizer_sharding", c.optimizer_sharding, ("dp_reshardable", "fully_reshardable")
         )
+        for key in ("checkpoint.load", "checkpoint.init_from"):
+            path = self.get(key)
+            if path is not None and not os.path.isdir(path):
+                raise ConfigError(f"{key}={path} is not a directory (a checkpoint or run directory)")
         for key in (
             "parallel.tensor_model_parallel_size",
             "parallel.pipeline_model_parallel_size",

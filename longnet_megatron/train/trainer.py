@@ -118,6 +118,8 @@ class Trainer:
             log.info(
                 "resumed from %s at step %d (%d samples consumed)", resume, self.step, self.consumed_samples
             )
+        elif job.checkpoint.init_from:
+            self._init_weights_from(job.checkpoint.init_from)
 
         # Data from the resumed position; validation always reads the same first eval_iters batches.
         t = job.train
@@ -309,6 +311,16 @@ class Trainer:
         )
         log.info("saved checkpoint %s", path)
         return path
+
+    def _init_weights_from(self, path: str) -> None:
+        """Load model weights saved in any parallel layout; the optimizer's main params follow them."""
+        from longnet_megatron.export.checkpoint_io import find_checkpoint, load_weights
+        from longnet_megatron.train.model import unwrap
+
+        ckpt = find_checkpoint(path)
+        load_weights(unwrap(self.chunks), ckpt)
+        self.optimizer.reload_model_params()
+        log.info("initialised weights from %s (optimizer, scheduler and data start fresh)", ckpt)
 
     def train(self) -> int:
         """Train to ``train.steps``; returns 0, or REQUEUE_EXIT_CODE after a signal and a checkpoint."""

@@ -84,6 +84,12 @@ def test_overrides_are_typed_and_applied_in_order(packed_prefix):
             "needs parallel.pipeline_model_parallel_size >= 2",
         ),
         (["data.weights=[1,2]"], 1, "data.weights has 2 entries for 1 data.prefixes"),
+        (
+            ["checkpoint.init_from=/nonexistent/run"],
+            1,
+            "checkpoint.init_from=/nonexistent/run is not a directory",
+        ),
+        (["checkpoint.load=/nonexistent/ckpt"], 1, "checkpoint.load=/nonexistent/ckpt is not a directory"),
     ],
 )
 def test_bad_configs_name_the_key(packed_prefix, overrides, world, message):

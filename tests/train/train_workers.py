@@ -1,8 +1,7 @@
 """Functions the training tests run inside gloo ranks (module level so that spawn can pickle them).
 
-These runs keep checkpointing off: the harness's ranks are daemon processes, and
-dist_checkpointing's file writer starts processes of its own (checkpoints are tested through real
-launches in test_resume.py and test_launch.py).
+Most runs keep checkpointing off to stay fast (resume is tested through real launches in
+test_resume.py and test_launch.py); the falling run saves once, for the init_from check.
 """
 
 from __future__ import annotations
@@ -70,10 +69,22 @@ def single_process_worker(prefix: str, run_dir: str, layout_overrides: list[str]
         base_overrides(prefix, run_dir + "/ref", steps) + layout_overrides,
         init_weights=lambda models: _full_state(models, captured),
     )
+    # The falling run also saves its weights; a fresh 1-step run initialised from them (weights only)
+    # must start near the trained loss. The vocabulary is fixed so TP=2 can load the same tensors.
     falling = train(
-        base_overrides(prefix, run_dir + "/falls", 30) + ["optim.warmup_steps=5", "optim.lr=3e-3"]
+        base_overrides(prefix, run_dir + "/falls", 30)
+        + ["optim.warmup_steps=5", "optim.lr=3e-3", "model.vocab_size=384", "checkpoint.save_at_end=true"]
     )
-    return {"reference": reference, "state": captured["state"], "falling": falling}
+    initialised = init_from_run(prefix, run_dir + "/init_tp1", run_dir + "/falls", [])
+    return {"reference": reference, "state": captured["state"], "falling": falling, "init": initialised}
+
+
+def init_from_run(prefix: str, run_dir: str, source: str, layout: list[str]) -> list[float]:
+    """One step of a fresh run whose weights come from ``source`` (checkpoint.init_from)."""
+    return train(
+        base_overrides(prefix, run_dir, 1)
+        + ["optim.warmup_steps=0", "model.vocab_size=384", f"checkpoint.init_from={source}", *layout]
+    )
 
 
 def layouts_worker(
