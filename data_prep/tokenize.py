@@ -118,9 +118,9 @@ def tokenize_corpus(
     tok = get_tokenizer(tokenizer)
     dtype = token_dtype(tok.vocab_size)
     files = expand_inputs(inputs, pattern)
-    for f in files:
-        if os.path.getsize(f) == 0:
-            log(f"warning: input {f} is empty")
+    empty_files = [f for f in files if os.path.getsize(f) == 0]
+    if empty_files:
+        log(f"warning: {len(empty_files)} input file(s) are empty, e.g. {empty_files[0]}")
     stats = TokenizeStats(files=len(files), input_bytes=sum(os.path.getsize(f) for f in files))
     start = time.perf_counter()
     paths = dataset_paths(output_prefix)
