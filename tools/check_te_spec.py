@@ -110,14 +110,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"weight mapping failed: missing {missing}, unexpected {unexpected}", file=sys.stderr)
         return 1
 
+    # bf16 the way the trainer runs it: Megatron's Float16Module casts parameters (the local spec's
+    # torch LayerNorm is created in float32) and returns float32 logits.
+    from megatron.core.transformer.module import Float16Module
+
+    local_run, te_run = Float16Module(local.config, local), Float16Module(te.config, te)
+
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
     data = torch.randint(
         0, preset.vocab_size, (args.batch, args.seq_length + 1), device="cuda", generator=gen
     )
     tokens, labels = data[:, :-1].contiguous(), data[:, 1:].contiguous()
 
-    local_logits, local_loss = step(local, tokens, labels)
-    te_logits, te_loss = step(te, tokens, labels)
+    local_logits, local_loss = step(local_run, tokens, labels)
+    te_logits, te_loss = step(te_run, tokens, labels)
     diff = (te_logits - local_logits).abs()
     max_abs = diff.max().item()
     rel = max_abs / max(local_logits.abs().max().item(), 1e-12)
@@ -129,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     finite = bool(torch.isfinite(te_logits).all() and torch.isfinite(te_loss))
 
-    local_s = time_steps(local, tokens, labels, args.iters)
-    te_s = time_steps(te, tokens, labels, args.iters)
+    local_s = time_steps(local_run, tokens, labels, args.iters)
+    te_s = time_steps(te_run, tokens, labels, args.iters)
     print(f"preset={preset.name} layers={preset.num_layers} batch={args.batch} seq={args.seq_length} bf16")
     print(f"logits  max|diff|={max_abs:.4e}  rel={rel:.4e}  (tolerance {args.rtol:.1e})")
     print(f"loss    local={local_loss.item():.6f}  te={te_loss.item():.6f}")

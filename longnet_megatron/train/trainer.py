@@ -211,12 +211,18 @@ class Trainer:
         with open(os.path.join(self.job.run_dir, "run.json"), "w") as f:
             json.dump(self.checkpoint_metadata(), f, indent=2)
 
+    def _uses_te(self) -> bool:
+        from longnet_megatron.model.specs import transformer_engine_available
+
+        return self.job.model.use_te if self.job.model.use_te is not None else transformer_engine_available()
+
     def _log_setup(self) -> None:
         p, t = self.job.parallel, self.job.train
         params = sum(p_.numel() for c in self.chunks for p_ in c.parameters())
         log.info(
             "LongNet %s: L=%d, vocab %d, %s params on rank 0 | world %d = tp %d x pp %d x cp %d x dp %d | "
-            "global batch %d = micro %d x %d micro-batches x dp %d | %s on %s | run dir %s",
+            "global batch %d = micro %d x %d micro-batches x dp %d | %s on %s | layers %s, attention %s | "
+            "run dir %s",
             self.job.model.preset,
             self.seq_length,
             self.preset.vocab_size,
@@ -232,6 +238,8 @@ class Trainer:
             self.dp_size,
             t.precision,
             self.device.type,
+            "Transformer Engine" if self._uses_te() else "Megatron local",
+            self.job.model.attention_backend,
             self.job.run_dir,
         )
         if self.job.data.synthetic:
