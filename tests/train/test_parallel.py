@@ -80,3 +80,16 @@ def test_weights_saved_by_one_process_initialise_a_tp2_run(single, packed_prefix
     )
     for rank, losses in enumerate(results):
         assert losses == pytest.approx(one_process, rel=2e-5, abs=2e-5), rank
+
+
+def test_pipeline_and_context_parallel_together_match_one_process(single, packed_prefix, tmp_path):
+    """PP=2 x CP=2 on 4 ranks: the contiguous CP split inside pipeline stages gives the same losses."""
+    layouts = {"pp2cp2": ["parallel.pipeline_model_parallel_size=2", "parallel.context_parallel_size=2"]}
+    results = run_distributed(
+        train_workers.layouts_worker,
+        4,
+        layout=None,
+        args=(packed_prefix, str(tmp_path), COMMON, STEPS, layouts, single["state"]),
+    )
+    for rank, per_rank in enumerate(results):
+        assert per_rank["pp2cp2"] == pytest.approx(single["reference"], rel=2e-5, abs=2e-5), rank
