@@ -12,8 +12,9 @@ Megatron code:
 * a :class:`torch.overrides.TorchFunctionMode`, pushed on the calling thread (call the function again
   from any other thread that runs Megatron code), rewrites any non-CPU ``device`` argument
   (``"cuda"``, ``cuda:N``, a bare integer index) of tensor factories and of ``Tensor.to`` to ``"cpu"``,
-  makes ``Tensor.cuda()`` and ``Tensor.pin_memory()`` return the tensor itself and drops
-  ``pin_memory=True`` arguments (pinned memory needs CUDA);
+  makes ``Tensor.cuda()`` and ``Tensor.pin_memory()`` return the tensor itself, drops
+  ``pin_memory=True`` arguments (pinned memory needs CUDA), and makes ``Tensor.type()`` name CPU
+  tensors as CUDA ones (Megatron's optimizers select parameters by that name);
 * Megatron's batched pipeline p2p (``batch_p2p_comm=True``, the default) goes through its unbatched
   path, whose message order gloo matches correctly (see :func:`_unbatched_p2p_ops`);
 * ``torch.cuda.current_device`` returns ``torch.device("cpu")``, and ``torch.cuda.synchronize`` /
@@ -72,6 +73,12 @@ class _CudaToCpuMode(TorchFunctionMode):
         if name in ("cuda", "pin_memory"):
             # Tensor.cuda(...) / Tensor.pin_memory(): the tensor is already where it can be.
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # Megatron's optimizers sort parameters by `param.type() == "torch.cuda.FloatTensor"`.
+            type_name = func(args[0])
+            return (
+                type_name.replace("torch.", "torch.cuda.", 1) if type_name.startswith("torch.") else type_name
+            )
         if _is_foreign_device(kwargs.get("device")):
             kwargs["device"] = "cpu"
         if kwargs.get("pin_memory"):

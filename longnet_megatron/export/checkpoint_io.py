@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +38,13 @@ from longnet_megatron.export.architecture import (
     record_from_training_metadata,
 )
 from longnet_megatron.export.errors import ConversionError
+from longnet_megatron.train.checkpoint import LATEST, METADATA, checkpoint_name, write_atomic
 
-LATEST_MARKERS = ("latest", "latest_checkpointed_iteration.txt")
+# The trainer's marker first; Megatron-LM's is read too.
+LATEST_MARKERS = (LATEST, "latest_checkpointed_iteration.txt")
 CHECKPOINTS_SUBDIR = "checkpoints"  # the trainer's default checkpoint.dir inside a run directory
-METADATA_FILE = "longnet.json"  # the trainer's per-checkpoint description
 # Top-level names of model tensors in a GPTModel's sharded state dict (optimizer keys differ).
 _MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
-
-
-def iteration_dir_name(iteration: int) -> str:
-    """``iter_0000100``: Megatron-LM's checkpoint directory name."""
-    return f"iter_{iteration:07d}"
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
@@ -66,7 +62,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
         marker_path = path / marker
         if marker_path.is_file():
             text = marker_path.read_text().strip()
-            ckpt = path / (iteration_dir_name(int(text)) if text.isdigit() else text)
+            ckpt = path / (checkpoint_name(int(text)) if text.isdigit() else text)
             if not ckpt.is_dir():
                 raise ConversionError(
                     f"{marker_path} names {ckpt.name}, which does not exist in {path} (truncated copy?)",
@@ -137,7 +133,7 @@ def read_common(ckpt: Path) -> dict[str, Any]:
 def read_record(ckpt: Path) -> dict[str, Any]:
     """The model record of a checkpoint: from its ``longnet.json`` (the trainer's description, or the
     record this package writes there), else from its common state."""
-    meta_path = ckpt / METADATA_FILE
+    meta_path = ckpt / METADATA
     if meta_path.is_file():
         try:
             meta = json.loads(meta_path.read_text())
@@ -147,7 +143,7 @@ def read_record(ckpt: Path) -> dict[str, Any]:
     record = read_common(ckpt).get(RECORD_KEY)
     if record is None:
         raise ConversionError(
-            f"{ckpt}: a Megatron dist checkpoint without {METADATA_FILE} or a LongNet model record: "
+            f"{ckpt}: a Megatron dist checkpoint without {METADATA} or a LongNet model record: "
             "not saved by longnet-megatron (foreign checkpoint)",
             "foreign",
         )
@@ -180,12 +176,6 @@ def padded_vocab_size(ckpt: Path) -> int:
 # ----------------------------------------------------------------------------- Megatron processes
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def init_single_process() -> None:
     """torch.distributed (gloo, one rank) and Megatron's parallel state for TP=PP=CP=1 in this process.
 
@@ -196,11 +186,11 @@ def init_single_process() -> None:
     from megatron.core import parallel_state
 
     from longnet_megatron.compat import enable_cpu_megatron
-    from longnet_megatron.testing import ParallelLayout, initialize_megatron_parallel
+    from longnet_megatron.parallel.layout import ParallelLayout, free_port, initialize_megatron_parallel
 
     enable_cpu_megatron()
     if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         initialize_megatron_parallel(ParallelLayout())
 
@@ -311,12 +301,14 @@ def save_checkpoint(
     from megatron.core import dist_checkpointing, parallel_state
 
     run_dir = Path(run_dir)
-    ckpt = run_dir / iteration_dir_name(iteration)
+    ckpt = run_dir / checkpoint_name(iteration)
+    tmp = run_dir / (ckpt.name + ".tmp")  # renamed to ckpt only once complete, as the trainer does
     rank = dist.get_rank()
     if rank == 0:
         if ckpt.exists() and any(ckpt.iterdir()):
             raise ConversionError(f"{ckpt} already exists and is not empty", "mismatched")
-        ckpt.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     dist.barrier()
     record = dict(record)
     record["layout"] = {
@@ -326,7 +318,7 @@ def save_checkpoint(
         "vpp": parallel_state.get_virtual_pipeline_model_parallel_world_size(),
     }
     state = {**_sharded_model_state(models), RECORD_KEY: record, "iteration": iteration}
-    dist_checkpointing.save(state, str(ckpt))
+    dist_checkpointing.save(state, str(tmp))
     dist.barrier()
     if rank == 0:
         description = {
@@ -336,10 +328,11 @@ def save_checkpoint(
             "tokenizer": record.get("tokenizer"),
             RECORD_KEY: record,
         }
-        (ckpt / METADATA_FILE).write_text(json.dumps(description, indent=2) + "\n")
-        tmp = run_dir / ".latest.tmp"
-        tmp.write_text(ckpt.name + "\n")
-        tmp.replace(run_dir / LATEST_MARKERS[0])
+        (tmp / METADATA).write_text(json.dumps(description, indent=2) + "\n")
+        if ckpt.exists():  # an empty directory left by hand
+            ckpt.rmdir()
+        tmp.replace(ckpt)
+        write_atomic(str(run_dir / LATEST), ckpt.name + "\n")
     dist.barrier()  # every rank may read the marker after this returns
     return ckpt
 

@@ -162,7 +162,7 @@ def _reshard_under_torchrun(
 
     from longnet_megatron.compat import enable_cpu_megatron
     from longnet_megatron.export.reshard import reshard_here
-    from longnet_megatron.testing import ParallelLayout, initialize_megatron_parallel
+    from longnet_megatron.parallel.layout import ParallelLayout, initialize_megatron_parallel
 
     enable_cpu_megatron()
     backend = "nccl" if torch.cuda.is_available() else "gloo"

@@ -23,13 +23,13 @@ from pathlib import Path
 
 from longnet_megatron.export.checkpoint_io import (
     build_models,
-    iteration_dir_name,
     load_weights,
     open_checkpoint,
     padded_vocab_size,
     read_common,
     save_checkpoint,
 )
+from longnet_megatron.train.checkpoint import checkpoint_name
 
 
 def reshard_here(source: str | os.PathLike, run_dir: str | os.PathLike, iteration: int | None = None) -> Path:
@@ -49,7 +49,7 @@ def _reshard_rank(
     import torch.distributed as dist
 
     from longnet_megatron.compat import enable_cpu_megatron
-    from longnet_megatron.testing import initialize_megatron_parallel
+    from longnet_megatron.parallel.layout import initialize_megatron_parallel
 
     enable_cpu_megatron()
     dist.init_process_group(
@@ -80,7 +80,7 @@ def reshard_cpu(
 
     from longnet_megatron.export.checkpoint_io import _free_port
     from longnet_megatron.export.errors import ConversionError
-    from longnet_megatron.testing import ParallelLayout
+    from longnet_megatron.parallel.layout import ParallelLayout
 
     ckpt, _ = open_checkpoint(source)
     layout = ParallelLayout(tp=tp, pp=pp, vpp=vpp)
@@ -98,4 +98,4 @@ def reshard_cpu(
         ) from e
     if iteration is None:
         iteration = int(read_common(ckpt).get("iteration", 0))
-    return Path(run_dir) / iteration_dir_name(iteration)
+    return Path(run_dir) / checkpoint_name(iteration)

@@ -26,29 +26,18 @@ from __future__ import annotations
 import io
 import multiprocessing as mp
 import queue
-import socket
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
 
+from longnet_megatron.parallel.layout import ParallelLayout, free_port, initialize_megatron_parallel
 
-@dataclass(frozen=True)
-class ParallelLayout:
-    """Megatron model-parallel sizes; data parallelism takes the remaining factor of the world size."""
-
-    tp: int = 1
-    pp: int = 1
-    cp: int = 1
-    vpp: int | None = None
-
-    def model_parallel_size(self) -> int:
-        """Ranks in one model replica (tp * pp * cp)."""
-        return self.tp * self.pp * self.cp
+# TP = PP = CP = 1 (the default of run_distributed; frozen, so sharing one instance is safe).
+_ONE_RANK_LAYOUT = ParallelLayout()
 
 
 class DistributedWorkerError(RuntimeError):
@@ -57,12 +46,6 @@ class DistributedWorkerError(RuntimeError):
     def __init__(self, message: str, rank: int | None = None):
         super().__init__(message)
         self.rank = rank
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _to_bytes(obj: Any) -> bytes:
@@ -75,26 +58,6 @@ def _to_bytes(obj: Any) -> bytes:
 
 def _from_bytes(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), weights_only=False)
-
-
-def initialize_megatron_parallel(layout: ParallelLayout, seed: int = 1234) -> None:
-    """(Re)initialise Megatron's parallel state with ``layout`` and seed its model-parallel RNG.
-
-    Called by every rank before the test function; a test function may call it again to switch layout
-    inside the same processes (e.g. from plain to virtual pipeline stages) without a new spawn.
-    """
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp,
-        context_parallel_size=layout.cp,
-    )
-    model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
 
 
 def _worker(
@@ -146,7 +109,7 @@ def run_distributed(
     fn: Callable[..., Any],
     world_size: int,
     *,
-    layout: ParallelLayout | None = ParallelLayout(),
+    layout: ParallelLayout | None = _ONE_RANK_LAYOUT,
     args: tuple = (),
     kwargs: dict[str, Any] | None = None,
     seed: int = 1234,
@@ -164,7 +127,7 @@ def run_distributed(
         raise ValueError(f"world_size={world_size} is not a multiple of tp*pp*cp in {layout}")
     ctx = mp.get_context("spawn")
     results: mp.Queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(
             target=_worker,

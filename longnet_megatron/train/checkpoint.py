@@ -36,10 +36,12 @@ METADATA = "longnet.json"
 
 
 def checkpoint_name(step: int) -> str:
+    """``iter_0000100``: Megatron-LM's checkpoint directory name."""
     return f"iter_{step:07d}"
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (readers never see half)."""
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
@@ -189,7 +191,7 @@ class Checkpointer:
             if os.path.exists(final):  # the same step saved again (e.g. end right after an interval save)
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _write_atomic(os.path.join(self.directory, LATEST), checkpoint_name(step) + "\n")
+            write_atomic(os.path.join(self.directory, LATEST), checkpoint_name(step) + "\n")
             self._prune(keep=checkpoint_name(step))
         dist.barrier()
         return final

@@ -14,12 +14,12 @@ NCCL on CUDA (one GPU per local rank), gloo on CPU with Megatron's CUDA-assuming
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 
+from longnet_megatron.parallel.layout import ParallelLayout, free_port, initialize_megatron_parallel
 from longnet_megatron.train.config import JobConfig
 
 
@@ -32,12 +32,6 @@ class World:
     local_rank: int
     master_addr: str
     master_port: int
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def world_from_env(env: dict[str, str] | None = None) -> World:
@@ -57,34 +51,13 @@ def world_from_env(env: dict[str, str] | None = None) -> World:
         rank, size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
         local = int(env.get("SLURM_LOCALID", 0))
     else:
-        return World(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port())
+        return World(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port())
     if size > 1 and "MASTER_ADDR" not in env:
         raise RuntimeError(
             f"rank {rank} of {size}: MASTER_ADDR is not set. Launch through torchrun, launch/local.sh or "
             "launch/pretrain.sh (which export MASTER_ADDR/MASTER_PORT)"
         )
     return World(rank, size, local, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)))
-
-
-def _patch_cpu_tensor_type() -> None:
-    """Make ``Tensor.type()`` report CPU float tensors under their CUDA names.
-
-    Megatron's optimizers (distrib_optimizer.py, optimizer.py, clip_grads.py) sort parameters by
-    ``param.type() == 'torch.cuda.FloatTensor'``; on CPU every parameter would be rejected.
-    TODO(compat): belongs in longnet_megatron.compat.cpu; this is a no-op once it does it there.
-    """
-    if torch.zeros(1).type().startswith("torch.cuda."):
-        return
-    from torch.overrides import TorchFunctionMode
-
-    class _CudaTypeNames(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            if func is torch.Tensor.type and len(args) == 1 and not kwargs:
-                name = func(args[0])
-                return name.replace("torch.", "torch.cuda.", 1) if name.startswith("torch.") else name
-            return func(*args, **(kwargs or {}))
-
-    _CudaTypeNames().__enter__()
 
 
 def setup_device() -> torch.device:
@@ -95,14 +68,12 @@ def setup_device() -> torch.device:
     from longnet_megatron.compat import enable_cpu_megatron
 
     enable_cpu_megatron()
-    _patch_cpu_tensor_type()
     return torch.device("cpu")
 
 
 def init_distributed(job: JobConfig, world: World) -> torch.device:
     """Process group (nccl on CUDA, gloo on CPU), then Megatron's parallel_state with the job's layout."""
     import torch.distributed as dist
-    from megatron.core import parallel_state
 
     device = setup_device()
     if not dist.is_initialized():
@@ -115,14 +86,13 @@ def init_distributed(job: JobConfig, world: World) -> torch.device:
             **({"device_id": device} if device.type == "cuda" else {}),
         )
     p = job.parallel
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=p.tensor_model_parallel_size,
-        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
-        context_parallel_size=p.context_parallel_size,
+    layout = ParallelLayout(
+        tp=p.tensor_model_parallel_size,
+        pp=p.pipeline_model_parallel_size,
+        cp=p.context_parallel_size,
+        vpp=p.virtual_pipeline_model_parallel_size,
     )
+    initialize_megatron_parallel(layout, seed=None)  # the trainer seeds after building its config
     return device
 
 
