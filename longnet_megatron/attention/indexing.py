@@ -13,6 +13,7 @@ sequences that a fused kernel takes as is, with no padding and no mask.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -66,6 +67,12 @@ class RowBlock:
         return self.start + seg[:, None] + pos[None, :]
 
 
+@lru_cache(maxsize=1024)
+def index_tensor(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A cached int64 tensor of ``values`` on ``device``: steady-state steps make no host-to-device copy."""
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
 @dataclass(frozen=True)
 class Selection:
     """Rows of a :class:`RowBlock` and a set of heads of a ``[B, N, H, ...]`` tensor.
@@ -105,7 +112,7 @@ class Selection:
         if isinstance(self.heads, slice):
             heads = torch.arange(x.shape[2], device=x.device)[self.heads]
         else:
-            heads = torch.tensor(self.heads, device=x.device, dtype=torch.long)
+            heads = index_tensor(self.heads, x.device)
         return rows, heads[None, None, :]
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:

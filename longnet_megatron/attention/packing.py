@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .indexing import AttentionTask, Selection, split_task
+from .indexing import AttentionTask, Selection, index_tensor, split_task
 
 # Tasks with fewer query elements than this are packed (2^23: 16 MiB in bf16, e.g. 32K rows x 2 heads x 128).
 PACK_BELOW = 1 << 23
@@ -39,7 +39,7 @@ class PackedSelection:
         for sel in selections:
             rows = sel.rows.row_index(device)  # [S, L]
             heads = torch.arange(num_heads, device=device)[sel.heads] if isinstance(sel.heads, slice) else (
-                torch.tensor(sel.heads, dtype=torch.long, device=device))  # fmt: skip
+                index_tensor(sel.heads, device))  # fmt: skip
             b = torch.arange(batch, device=device)[:, None, None, None]
             flat = (b * num_positions + rows[None, :, :, None]) * num_heads + heads
             parts.append(flat.flatten(0, 1))

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from longnet_megatron.attention.backends import AttentionBackend, get_backend
 from longnet_megatron.attention.config import DilatedAttentionConfig
 from longnet_megatron.attention.function import dilated_backward, dilated_forward, merge_partial
-from longnet_megatron.attention.indexing import RowBlock, Selection
+from longnet_megatron.attention.indexing import RowBlock, Selection, index_tensor
 
 from .exchange import PendingExchange, ensure_communicator, start_exchange
 from .plan import ContextParallelPlan, CrossingSegment, OffsetExchange, plan_context_parallel
@@ -82,12 +82,6 @@ def _cached_plan(
     )
 
 
-@lru_cache(maxsize=256)
-def _index(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """A cached int64 index tensor (GQA head maps), so steady-state steps make no host-to-device copies."""
-    return torch.tensor(values, dtype=torch.long, device=device)
-
-
 def _own_message(seg: CrossingSegment, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """This rank's selected k and v rows of ``seg``, flat, in the layout of :meth:`CrossingSegment.unpack`."""
     parts = []
@@ -111,8 +105,8 @@ def _remote_keys(
         k, v = (torch.cat([p[j] for p in pieces], dim=1) for j in (0, 1))
         if off.expand is not None:
             k, v = (
-                k.index_select(2, _index(off.expand, k.device)),
-                v.index_select(2, _index(off.expand, k.device)),
+                k.index_select(2, index_tensor(off.expand, k.device)),
+                v.index_select(2, index_tensor(off.expand, k.device)),
             )
         result.append((k, v))
     return result
@@ -123,7 +117,7 @@ def _fold_heads(grad: torch.Tensor, off: OffsetExchange) -> torch.Tensor:
     if off.expand is None:
         return grad
     out = grad.new_zeros((*grad.shape[:2], off.kv_heads, grad.shape[3]))
-    return out.index_add_(2, _index(off.expand, grad.device), grad)
+    return out.index_add_(2, index_tensor(off.expand, grad.device), grad)
 
 
 def _merge_remote(
