@@ -32,12 +32,20 @@ from longnet_megatron.export.checkpoint_io import (
 from longnet_megatron.train.checkpoint import checkpoint_name
 
 
+def source_iteration(ckpt: Path) -> int:
+    """The step a checkpoint was saved at: this package's ``iteration`` or the trainer's train state."""
+    common = read_common(ckpt)
+    if "iteration" in common:
+        return int(common["iteration"])
+    return int(common.get("train_state", {}).get("step", 0))
+
+
 def reshard_here(source: str | os.PathLike, run_dir: str | os.PathLike, iteration: int | None = None) -> Path:
     """Collective, on every rank of the (already initialised) target layout: load ``source``, save
     it into ``run_dir`` with the current layout. ``iteration`` defaults to the source's."""
     ckpt, record = open_checkpoint(source)
     if iteration is None:
-        iteration = int(read_common(ckpt).get("iteration", 0))
+        iteration = source_iteration(ckpt)
     models = build_models(record, padded_vocab_size(ckpt))
     load_weights(models, ckpt)
     return save_checkpoint(models, run_dir, record, iteration)
@@ -78,9 +86,8 @@ def reshard_cpu(
     """
     import torch.multiprocessing as tmp
 
-    from longnet_megatron.export.checkpoint_io import _free_port
     from longnet_megatron.export.errors import ConversionError
-    from longnet_megatron.parallel.layout import ParallelLayout
+    from longnet_megatron.parallel.layout import ParallelLayout, free_port
 
     ckpt, _ = open_checkpoint(source)
     layout = ParallelLayout(tp=tp, pp=pp, vpp=vpp)
@@ -88,7 +95,7 @@ def reshard_cpu(
     try:
         tmp.spawn(
             _reshard_rank,
-            args=(world, _free_port(), layout, str(source), str(run_dir), iteration),
+            args=(world, free_port(), layout, str(source), str(run_dir), iteration),
             nprocs=world,
             join=True,
         )
@@ -97,5 +104,5 @@ def reshard_cpu(
             f"resharding {source} to tp={tp} pp={pp} vpp={vpp} failed:\n{e}", "mismatched"
         ) from e
     if iteration is None:
-        iteration = int(read_common(ckpt).get("iteration", 0))
+        iteration = source_iteration(ckpt)
     return Path(run_dir) / checkpoint_name(iteration)

@@ -116,3 +116,24 @@ def test_cli_reports_a_bad_checkpoint_in_one_line(converted):
     assert result["exit_code"] == 1
     assert result["output"].startswith("Error: truncated checkpoint:")
     assert "Traceback" not in result["output"]
+
+
+def test_reshard_cli_keeps_the_step_and_the_weights(converted, workdir):
+    """`longnet-convert reshard` (its own gloo processes) then `to-hf` gives the original export."""
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> None:
+        run = subprocess.run(
+            [sys.executable, "-m", "longnet_megatron.export.cli", *args], capture_output=True, text=True
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+
+    out = workdir / "cli_reshard_tp2"
+    cli("reshard", str(workdir / "tp2"), str(out), "--tp", "2")
+    assert (out / "latest").read_text().strip() == "iter_0000007"  # the source's step
+    cli("to-hf", str(out), str(workdir / "hf_cli_reshard"))
+    a = LongNetForCausalLM.from_pretrained(workdir / "hf_tp2")
+    b = LongNetForCausalLM.from_pretrained(workdir / "hf_cli_reshard")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name

@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
 
 import pytest
 
+from longnet_megatron.parallel.layout import free_port
 from longnet_megatron.train.checkpoint import latest_checkpoint
 from tests.train.conftest import REPO
 from tests.train.launching import launch_env, read_metrics, wait_for_step
@@ -42,12 +42,6 @@ esac
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def fake_slurm(tmp_path):
     bin_dir = tmp_path / "bin"
@@ -73,7 +67,7 @@ def _job_env(fake_slurm, run_root) -> dict[str, str]:
         SLURM_SUBMIT_DIR=REPO,
         RUN_ROOT=str(run_root),
         PYTHON=sys.executable,
-        MASTER_PORT=str(_free_port()),
+        MASTER_PORT=str(free_port()),
     )
 
 
@@ -120,7 +114,7 @@ def test_pretrain_sh_checkpoints_on_usr1_requeues_and_resumes(packed_prefix, fak
     assert latest_checkpoint(os.path.join(run_dir, "checkpoints")).endswith(f"iter_{stopped_at:07d}")
 
     # The requeued job (same id, same run directory) resumes where the first one stopped.
-    env["MASTER_PORT"] = str(_free_port())
+    env["MASTER_PORT"] = str(free_port())
     rerun = subprocess.run(
         _job_args(packed_prefix, stopped_at + 2),
         env=env,
