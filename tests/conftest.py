@@ -1,7 +1,17 @@
-"""Suite-wide test settings: GPU-marked tests run only where CUDA is present."""
+"""Suite-wide test settings: GPU-marked tests run only where CUDA is present.
 
-import pytest
+Without CUDA, Triton kernels run in Triton's interpreter: TRITON_INTERPRET must be set before the
+first ``import triton`` (Megatron-Core imports it), since triton.language's own helpers are built then.
+"""
+
+import os
+
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

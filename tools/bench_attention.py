@@ -13,6 +13,10 @@ shared/gpu/README.md).
     python tools/bench_attention.py --n 131072 --sets geometric --backends sdpa-cudnn --head-dims 128
     python tools/bench_attention.py --render a.json b.json   # merge runs into --out-json and --out-md
 
+Backends: any registered name; ``triton`` is the fused kernel (all patterns in one pass),
+``triton-calls`` the same Triton code call by call, ``triton-docs`` the fused kernel with document
+masking (documents of ``--doc-len`` tokens).
+
 Pattern sets: ``geometric`` w = 2048 * 2^k, r = 2^k, k = 0..4; ``paper`` w = 2048..32768,
 r = (1, 2, 4, 6, 12); ``fullrange`` k = 0 .. up to w = N (grows with N, the paper's scaling figure).
 """
@@ -35,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from longnet_megatron.attention import DilatedAttentionConfig, dilated_attention, get_backend  # noqa: E402
 
+DOCS_BACKEND = "triton-docs"  # pseudo-backend: the fused triton kernel with document masking
 DEFAULT_N = [8192, 16384, 32768, 131072, 524288, 1048576]
 SETS = ("geometric", "paper", "fullrange")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -174,13 +179,18 @@ def sweep(args: argparse.Namespace) -> list[dict]:
                 config = pattern_set(set_name, n)
                 flops = useful_flops(config, n, args.heads, d)
                 for name in args.backends:
-                    backend = get_backend(name)
+                    docs = None
+                    if name == DOCS_BACKEND:  # the fused kernel with documents of --doc-len tokens
+                        docs = torch.arange(n, device="cuda").div(args.doc_len, rounding_mode="floor")[None]
+                    backend = get_backend("triton" if docs is not None else name)
                     row = {**base, "set": set_name, "patterns": [list(p) for p in config.patterns]}
                     if name == "sdpa":
                         row["kernel"] = backend.select(tensors[0])
+                    if docs is not None:
+                        row["doc_len"] = args.doc_len
 
-                    def attend(q, k, v, config=config, backend=backend):
-                        return dilated_attention(q, k, v, config, backend=backend)
+                    def attend(q, k, v, config=config, backend=backend, docs=docs):
+                        return dilated_attention(q, k, v, config, backend=backend, document_ids=docs)
 
                     row.update(run_one(name, attend, tensors, flops, args))
                     rows.append(row)
@@ -285,6 +295,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--sets", type=lambda s: s.split(","), default=list(SETS), help=f"from {SETS}")
     p.add_argument("--backends", type=lambda s: s.split(","), default=["te", "sdpa"])
+    p.add_argument(
+        "--doc-len",
+        type=int,
+        default=65536,
+        help=f"document length of the {DOCS_BACKEND} rows (useful FLOPs "
+        "are counted without masking, so its TFLOP/s compare times with the unmasked rows)",
+    )
     p.add_argument("--no-dense", dest="dense", action="store_false", help="skip the dense baseline")
     p.add_argument("--dense-max-n", type=int, default=131072, help="longest N for the dense baseline")
     p.add_argument("--target-s", type=float, default=0.3, help="seconds of timed repetitions per number")
@@ -311,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention needs a CUDA device")
-    args.backends = [b for b in args.backends if _usable(b)]
+    args.backends = [b for b in args.backends if _usable("triton" if b == DOCS_BACKEND else b)]
     meta = {
         **_versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 import torch
 from torch import nn
 
-from .backends import AttentionBackend, get_backend
+from .backends import OVERRIDE_ENV, AttentionBackend, UnsupportedInputError, auto_order, get_backend
 from .config import DilatedAttentionConfig
 from .function import DilatedAttentionFunction
 from .indexing import AttentionTask, plan_tasks
@@ -47,6 +48,7 @@ def dilated_attention(
     backend: str | AttentionBackend = "auto",
     cp_group: torch.distributed.ProcessGroup | None = None,
     return_lse: bool = False,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact LongNet dilated attention.
 
@@ -56,11 +58,26 @@ def dilated_attention(
     ``cp_group`` of size > 1 runs LongNet's distributed algorithm over that group, q, k, v being this
     rank's contiguous chunk. ``backend`` is ``"auto"`` (the first of sdpa, te, reference that runs the
     inputs; the environment variable LONGNET_ATTENTION_BACKEND overrides it), a backend name
-    (``available_backends()``) or a backend object. Returns ``[B, N, Hq, D]`` (and the float32
-    log-sum-exp ``[B, N, Hq]`` with ``return_lse``).
+    (``available_backends()``) or a backend object. On one rank, ``"triton"`` runs the fused kernel
+    (all patterns in one pass, :mod:`.fused`); ``"triton-calls"`` the same kernels call by call.
+    ``document_ids`` ``[B, N]`` (a document is a run of equal ids) masks attention across documents of
+    a packed sequence; only the fused triton kernel offers it. Returns ``[B, N, Hq, D]`` (and the
+    float32 log-sum-exp ``[B, N, Hq]`` with ``return_lse``).
     """
     _check_inputs(q, k, v)
-    if cp_group is not None and torch.distributed.get_world_size(cp_group) > 1:
+    fused = _fused_kernel(q, config, backend, document_ids, cp_group)
+    if fused is not None:
+        doc = (None, None)
+        if document_ids is not None:
+            if document_ids.shape != q.shape[:2]:
+                raise ValueError(
+                    f"document_ids must be [batch, seq] = {tuple(q.shape[:2])}, got {tuple(document_ids.shape)}"
+                )
+            doc = fused.document_bounds(document_ids.to(q.device), position_offset)
+        out, lse = fused.FusedDilatedAttention.apply(
+            q, k, v, config, config.scale_for(q.shape[-1]), head_offset, position_offset, *doc
+        )
+    elif cp_group is not None and torch.distributed.get_world_size(cp_group) > 1:
         from ..parallel.context_parallel import context_parallel_dilated_attention
 
         out, lse = context_parallel_dilated_attention(
@@ -80,6 +97,41 @@ def dilated_attention(
             q, k, v, tasks, impl, config.causal, config.scale_for(q.shape[-1])
         )
     return (out, lse) if return_lse else out
+
+
+def _fused_kernel(
+    q: torch.Tensor,
+    config: DilatedAttentionConfig,
+    backend: str | AttentionBackend,
+    document_ids: torch.Tensor | None,
+    cp_group: torch.distributed.ProcessGroup | None,
+):
+    """The fused triton module if it should run these inputs, else None (errors for document masks)."""
+    if cp_group is not None and torch.distributed.get_world_size(cp_group) > 1:
+        if document_ids is not None:
+            raise UnsupportedInputError("document masking is not available with context parallelism")
+        return None
+    name = backend if isinstance(backend, str) else getattr(backend, "name", "")
+    if name == "auto":
+        name = os.environ.get(OVERRIDE_ENV, "auto") or "auto"
+    wanted = name == "triton" or (
+        name == "auto" and (document_ids is not None or (q.is_cuda and auto_order()[0] == "triton"))
+    )
+    if not wanted:
+        if document_ids is not None:
+            raise UnsupportedInputError(
+                f"document masking needs the fused triton kernel (backend='triton'), not backend {name!r}"
+            )
+        return None
+    try:
+        from . import fused
+
+        fused.check_inputs(q, config)
+    except (ImportError, UnsupportedInputError) as err:
+        if document_ids is not None or name == "triton":
+            raise UnsupportedInputError(f"fused triton kernel: {err}") from err
+        return None
+    return fused
 
 
 class DilatedAttention(nn.Module):

@@ -16,8 +16,10 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.spec_utils import ModuleSpec
 
 from longnet_megatron.model.config import LongNetConfig, PerLayerPatterns
+from longnet_megatron.model.gpt_model import LongNetGPTModel
 from longnet_megatron.model.presets import LongNetPreset, get_preset
 from longnet_megatron.model.rope import ContiguousCPRotaryEmbedding
 from longnet_megatron.model.specs import get_longnet_layer_spec
@@ -89,6 +91,7 @@ def build_longnet_gpt(
     use_te: bool | None = None,
     parallel_output: bool = True,
     pg_collection: ProcessGroupCollection | None = None,
+    layer_spec: ModuleSpec | None = None,
     **config_overrides: Any,
 ) -> GPTModel:
     """Megatron's GPTModel with LongNet's layer spec and RoPE on global (contiguous-CP) positions.
@@ -98,15 +101,20 @@ def build_longnet_gpt(
     config: a ready LongNetConfig; default ``make_longnet_config(preset, **config_overrides)``.
     pre_process / post_process / vp_stage: this pipeline stage's part, as Megatron's model providers.
     use_te: Transformer Engine layers (None: when TE imports). See :func:`get_longnet_layer_spec`.
+    layer_spec: another transformer layer spec (e.g. Megatron's dense one, for baselines); ``use_te`` is
+        then unused.
+    The model is a :class:`LongNetGPTModel` (GPTModel plus the chunked loss of ``loss_chunk_tokens``).
     """
     preset = get_preset(preset)
     if config is None:
         config = make_longnet_config(preset, **config_overrides)
     elif config_overrides:
         raise ValueError("pass config overrides or a ready config, not both")
-    model = GPTModel(
+    if layer_spec is None:
+        layer_spec = get_longnet_layer_spec(use_te, normalization=config.normalization)
+    model = LongNetGPTModel(
         config=config,
-        transformer_layer_spec=get_longnet_layer_spec(use_te, normalization=config.normalization),
+        transformer_layer_spec=layer_spec,
         vocab_size=preset.padded_vocab_size(config.tensor_model_parallel_size),
         max_sequence_length=preset.seq_length,
         pre_process=pre_process,

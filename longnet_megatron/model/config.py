@@ -39,11 +39,14 @@ class LongNetConfig(TransformerConfig):
                                  Prefer a sequence when the config must be pickled (lambdas do not).
     attention_backend_name:      dilated attention kernel ("auto", "reference", "te", "sdpa", "triton").
                                  Megatron's own ``attention_backend`` field is unrelated and unused.
+    loss_chunk_tokens:           training loss from the output layer in chunks of this many tokens, never
+                                 materialising the logits (:class:`LongNetGPTModel`); None or 0: off.
     """
 
     dilated_attention: DilatedAttentionConfig | None = None
     dilated_attention_per_layer: PerLayerPatterns | None = None
     attention_backend_name: str = "auto"
+    loss_chunk_tokens: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -58,6 +61,9 @@ class LongNetConfig(TransformerConfig):
             self.dilated_attention_per_layer = per_layer
         if self.dilated_attention is None and per_layer is None:
             raise ValueError("LongNetConfig needs dilated_attention (or dilated_attention_per_layer)")
+        chunk = self.loss_chunk_tokens
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0):
+            raise ValueError(f"loss_chunk_tokens={chunk!r} must be None or an integer >= 0 (0: off)")
         if self.attention_dropout:
             raise ValueError(
                 f"attention_dropout={self.attention_dropout}: dilated attention has no dropout on "

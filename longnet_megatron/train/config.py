@@ -46,6 +46,9 @@ class ModelConfig:
     recompute_method: str = "uniform"  # full recompute: uniform or block
     recompute_num_layers: int = 1  # full recompute: layers per checkpointed group (uniform) / count (block)
     hidden_dropout: float = 0.0
+    # Output layer + loss in chunks of this many tokens, never holding the logits (docs/model.md);
+    # None: 4096 when one micro-batch's fp32 logits on a rank would pass 1 GiB, else off; 0: off.
+    loss_chunk_tokens: int | None = None
 
 
 @dataclass
@@ -239,6 +242,10 @@ class JobConfig:
         ):
             if self.get(key) is not None:
                 _positive(key, self.get(key))
+        if m.loss_chunk_tokens is not None and m.loss_chunk_tokens < 0:
+            raise ConfigError(
+                f"model.loss_chunk_tokens={m.loss_chunk_tokens} must be >= 0 (0: off; null: automatic)"
+            )
         if not 0.0 <= m.hidden_dropout < 1.0:
             raise ConfigError(f"model.hidden_dropout={m.hidden_dropout} must be in [0, 1)")
         if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:

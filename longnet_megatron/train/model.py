@@ -16,6 +16,10 @@ from longnet_megatron.train.config import JobConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+# model.loss_chunk_tokens=null: chunk the loss when a micro-batch's fp32 logits on a rank pass 1 GiB.
+AUTO_LOSS_CHUNK_TOKENS = 4096
+AUTO_LOSS_CHUNK_ABOVE_BYTES = 2**30
+
 
 def resolve_preset(job: JobConfig, vocab_size: int | None):
     """The preset with the job's architecture overrides, L and vocabulary."""
@@ -41,8 +45,23 @@ def resolve_preset(job: JobConfig, vocab_size: int | None):
     )
 
 
-def transformer_config(job: JobConfig, preset) -> Any:
-    """The LongNetConfig (a Megatron TransformerConfig) of the job."""
+def loss_chunk_tokens(job: JobConfig, preset) -> int | None:
+    """``model.loss_chunk_tokens`` resolved: None (Megatron's plain output layer + loss) or tokens per chunk.
+
+    Automatic (null): on when one micro-batch's logits on one rank, (mbs x L / cp) tokens x V / tp in
+    fp32 (the softmax Megatron's cross-entropy keeps for backward), would pass 1 GiB.
+    """
+    value = job.model.loss_chunk_tokens
+    if value is not None:
+        return value or None
+    p = job.parallel
+    tokens = job.train.micro_batch_size * preset.seq_length // p.context_parallel_size
+    vocab = preset.padded_vocab_size(p.tensor_model_parallel_size) // p.tensor_model_parallel_size
+    return AUTO_LOSS_CHUNK_TOKENS if 4 * tokens * vocab > AUTO_LOSS_CHUNK_ABOVE_BYTES else None
+
+
+def transformer_config(job: JobConfig, preset, extra: dict[str, Any] | None = None) -> Any:
+    """The LongNetConfig (a Megatron TransformerConfig) of the job; ``extra`` sets further fields."""
     from longnet_megatron.model import make_longnet_config
 
     precision, m, p = job.train.precision, job.model, job.parallel
@@ -57,6 +76,7 @@ def transformer_config(job: JobConfig, preset) -> Any:
         # Loss = sum over tokens; the schedule adds token counts and finalize_model_grads divides the
         # gradients by the global count: the exact per-token mean whatever the micro-batching.
         "calculate_per_token_loss": True,
+        "loss_chunk_tokens": loss_chunk_tokens(job, preset),
     }
     if m.recompute == "selective":
         overrides.update(recompute_granularity="selective", recompute_modules=["core_attn"])
@@ -66,12 +86,18 @@ def transformer_config(job: JobConfig, preset) -> Any:
             recompute_method=m.recompute_method,
             recompute_num_layers=m.recompute_num_layers,
         )
+    overrides.update(extra or {})
     return make_longnet_config(preset, attention_backend_name=m.attention_backend, **overrides)
 
 
-def build_model_chunks(job: JobConfig, preset, config, device: torch.device) -> list[torch.nn.Module]:
+def build_model_chunks(
+    job: JobConfig, preset, config, device: torch.device, layer_spec: Any = None
+) -> list[torch.nn.Module]:
     """This rank's chunks (one per virtual pipeline stage) wrapped in Megatron's DDP (and Float16Module
-    under bf16/fp16, as Megatron-LM's get_model does); :func:`unwrap` returns the GPTModels."""
+    under bf16/fp16, as Megatron-LM's get_model does); :func:`unwrap` returns the GPTModels.
+
+    layer_spec: another transformer layer spec than LongNet's (a dense baseline); None: LongNet's.
+    """
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer.module import Float16Module
@@ -89,6 +115,7 @@ def build_model_chunks(job: JobConfig, preset, config, device: torch.device) -> 
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
             vp_stage=stage,
             use_te=job.model.use_te,
+            layer_spec=layer_spec,
         )
         module = module.to(device)
         if job.train.precision != "fp32":

@@ -50,6 +50,9 @@ class Trainer:
 
     init_weights: optional callable given this rank's (unwrapped) model chunks after they are built and
         before the optimizer sees them, e.g. to load the same full weights under several layouts.
+    layer_spec, config_overrides: another transformer layer spec than LongNet's and further
+        TransformerConfig fields (tools/bench_train.py's dense baseline: Megatron's TE spec with cuDNN
+        attention); the FLOPs in the metrics still count the dilated patterns.
     """
 
     def __init__(
@@ -57,6 +60,8 @@ class Trainer:
         job: JobConfig,
         world: World | None = None,
         init_weights: Callable[[list[torch.nn.Module]], None] | None = None,
+        layer_spec: Any = None,
+        config_overrides: dict[str, Any] | None = None,
     ) -> None:
         from megatron.core import parallel_state as ps
 
@@ -73,8 +78,8 @@ class Trainer:
         self.tokenizer = data_lib.tokenizer_description(job)
         self.preset = resolve_preset(job, data_lib.data_vocab_size(job))
         self.seq_length = self.preset.seq_length
-        self.model_config = transformer_config(job, self.preset)
-        self.chunks = build_model_chunks(job, self.preset, self.model_config, self.device)
+        self.model_config = transformer_config(job, self.preset, config_overrides)
+        self.chunks = build_model_chunks(job, self.preset, self.model_config, self.device, layer_spec)
         if init_weights is not None:
             init_weights(unwrap(self.chunks))
             for chunk in self.chunks:
@@ -219,10 +224,11 @@ class Trainer:
     def _log_setup(self) -> None:
         p, t = self.job.parallel, self.job.train
         params = sum(p_.numel() for c in self.chunks for p_ in c.parameters())
+        chunk = self.model_config.loss_chunk_tokens
         log.info(
             "LongNet %s: L=%d, vocab %d, %s params on rank 0 | world %d = tp %d x pp %d x cp %d x dp %d | "
             "global batch %d = micro %d x %d micro-batches x dp %d | %s on %s | layers %s, attention %s | "
-            "run dir %s",
+            "loss %s | run dir %s",
             self.job.model.preset,
             self.seq_length,
             self.preset.vocab_size,
@@ -240,6 +246,7 @@ class Trainer:
             self.device.type,
             "Transformer Engine" if self._uses_te() else "Megatron local",
             self.job.model.attention_backend,
+            f"in chunks of {chunk} tokens" if chunk else "plain",
             self.job.run_dir,
         )
         if self.job.data.synthetic:

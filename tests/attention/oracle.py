@@ -20,6 +20,7 @@ def multiplicity(
     causal: bool,
     head_offset: int = 0,
     position_offset: int = 0,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[heads, n, n]`` count of patterns in which query p attends key p' (global positions and heads)."""
     pos = torch.arange(n, dtype=torch.long) + position_offset
@@ -33,8 +34,18 @@ def multiplicity(
             allowed = selected[:, None] & selected[None, :] & same_segment
             if causal:
                 allowed &= pos[None, :] <= pos[:, None]
+            if document_ids is not None:
+                allowed &= same_document(document_ids)
             counts[h] += allowed.double()
     return counts
+
+
+def same_document(document_ids: torch.Tensor) -> torch.Tensor:
+    """``[n, n]``: both tokens lie in one document, a maximal run of equal ids (``[n]`` ids)."""
+    starts = torch.ones_like(document_ids, dtype=torch.long)
+    starts[1:] = (document_ids[1:] != document_ids[:-1]).long()
+    run = torch.cumsum(starts, 0)
+    return run[:, None] == run[None, :]
 
 
 def oracle_attention(
@@ -47,15 +58,30 @@ def oracle_attention(
     softmax_scale: float | None = None,
     head_offset: int = 0,
     position_offset: int = 0,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dilated attention of ``[B, N, H, D]`` float64 tensors (k, v may have fewer heads: GQA)."""
+    """Dilated attention of ``[B, N, H, D]`` float64 tensors (k, v may have fewer heads: GQA).
+
+    ``document_ids`` ``[B, N]``: a query attends only keys of its own document (run of equal ids).
+    """
     b, n, hq, d = q.shape
     group = hq // k.shape[2]
     k = k.repeat_interleave(group, dim=2)
     v = v.repeat_interleave(group, dim=2)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-    m = multiplicity(n, hq, segment_lengths, dilation_rates, causal, head_offset, position_offset)
+    if document_ids is None:
+        m = multiplicity(n, hq, segment_lengths, dilation_rates, causal, head_offset, position_offset)[None]
+    else:
+        m = torch.stack(
+            [
+                multiplicity(
+                    n, hq, segment_lengths, dilation_rates, causal, head_offset, position_offset, ids
+                )
+                for ids in document_ids.cpu()
+            ]
+        )
+    m = m.to(q.device)
     bias = torch.where(m > 0, m.log(), torch.full_like(m, float("-inf")))
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale + bias[None]
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale + bias
     probs = torch.softmax(scores, dim=-1)
     return torch.einsum("bhqk,bkhd->bqhd", probs, v)

@@ -90,6 +90,7 @@ def test_overrides_are_typed_and_applied_in_order(packed_prefix):
             "checkpoint.init_from=/nonexistent/run is not a directory",
         ),
         (["checkpoint.load=/nonexistent/ckpt"], 1, "checkpoint.load=/nonexistent/ckpt is not a directory"),
+        (["model.loss_chunk_tokens=-1"], 1, "model.loss_chunk_tokens=-1 must be >= 0"),
     ],
 )
 def test_bad_configs_name_the_key(packed_prefix, overrides, world, message):
@@ -115,6 +116,25 @@ def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(TINY, [override])
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ([], None),  # tiny at L=256: 256 x 256 fp32 logits, far below 1 GiB
+        (["model.preset=125m", "model.seq_length=32768"], 4096),  # 32K x 100352 x 4 B = 12 GiB
+        (["model.preset=125m", "model.seq_length=32768", "model.loss_chunk_tokens=0"], None),
+        (["model.preset=125m", "model.seq_length=2048"], None),  # 0.77 GiB
+        (["model.preset=125m", "model.seq_length=2048", "train.micro_batch_size=2"], 4096),
+        (["model.preset=125m", "model.seq_length=4096", "parallel.tensor_model_parallel_size=4"], None),
+        (["model.loss_chunk_tokens=100"], 100),
+    ],
+)
+def test_loss_chunk_tokens_resolves_automatically_by_logits_size(overrides, expected):
+    from longnet_megatron.train.model import loss_chunk_tokens, resolve_preset
+
+    cfg = load_config(None, ["data.synthetic=true", *overrides])
+    assert loss_chunk_tokens(cfg, resolve_preset(cfg, None)) == expected
 
 
 def test_bad_yaml_names_the_key(tmp_path):

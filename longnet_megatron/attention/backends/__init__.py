@@ -51,6 +51,12 @@ def register_backend(
 
 
 register_backend("triton", ".triton_kernel:TritonBackend", auto_rank=2)  # the project's own; after sdpa, te
+register_backend("triton-calls", ".triton_kernel:TritonCallsBackend")
+
+
+def auto_order() -> list[str]:
+    """The backends ``"auto"`` tries, in order (``triton`` first means the fused kernel on one rank)."""
+    return list(_AUTO_ORDER)
 
 
 def available_backends() -> list[str]:
@@ -93,6 +99,8 @@ def get_backend(name: str | AttentionBackend = "auto", q: torch.Tensor | None = 
         return backend
     reasons = []
     for candidate in _AUTO_ORDER:
+        if candidate.startswith("triton") and q is not None and q.device.type != "cuda":
+            continue  # never Triton's CPU interpreter unless asked for by name
         try:
             backend = _load(candidate)
             if q is not None:
@@ -107,6 +115,7 @@ __all__ = [
     "AttentionBackend",
     "ReferenceBackend",
     "UnsupportedInputError",
+    "auto_order",
     "available_backends",
     "get_backend",
     "register_backend",

@@ -1,0 +1,19 @@
+"""The project's fused dilated attention kernel (Triton): all patterns in one online softmax, strided loads."""
+
+from .launch import (
+    FusedDilatedAttention,
+    check_inputs,
+    document_bounds,
+    document_ids_from_eod,
+    fused_backward,
+    fused_forward,
+)
+
+__all__ = [
+    "FusedDilatedAttention",
+    "check_inputs",
+    "document_bounds",
+    "document_ids_from_eod",
+    "fused_backward",
+    "fused_forward",
+]

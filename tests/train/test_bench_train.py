@@ -1,0 +1,83 @@
+"""tools/bench_train.py: context parsing, the OOM retry with full recompute, and a CPU smoke run of both
+models (tiny preset, one warm-up and one timed step each, every configuration in its own subprocess)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.train.conftest import REPO
+
+SCRIPT = os.path.join(REPO, "tools", "bench_train.py")
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_contexts_parse_with_binary_suffixes():
+    tool = load_tool()
+    assert tool.parse_contexts("8K,32k,1M,300") == [8192, 32768, 1048576, 300]
+    assert [tool.short(n) for n in (8192, 1048576, 300)] == ["8K", "1M", "300"]
+
+
+def test_oom_is_retried_with_full_recompute_and_reported():
+    tool = load_tool()
+    args = tool.parse_args(["--device", "cpu"])
+    calls = []
+
+    def runner(spec, timeout_s):
+        calls.append(spec["recompute"])
+        if spec["recompute"] == "none" or spec["context"] > 8192:
+            return {"status": "OOM"}
+        return {"status": "ok", "step_ms": 10.0, "env": {"device": "fake"}}
+
+    row, env = tool.run_configuration("longnet", "125m", 8192, args, runner)
+    assert calls == ["none", "full"] and row.status == "ok" and row.recompute == tool.FULL_RECOMPUTE
+    assert env == {"device": "fake"}
+    calls.clear()
+    row, _ = tool.run_configuration("dense", "125m", 16384, args, runner)
+    assert calls == ["none", "full"] and row.status == "OOM"
+    args = tool.parse_args(["--device", "cpu", "--recompute", "none"])
+    calls.clear()
+    row, _ = tool.run_configuration("dense", "125m", 16384, args, runner)
+    assert calls == ["none"] and (row.status, row.recompute) == ("OOM", "none")
+
+
+@pytest.mark.slow
+def test_cpu_smoke_run_measures_both_models(tmp_path):
+    out = tmp_path / "bench"
+    command = [
+        sys.executable,
+        SCRIPT,
+        "--device=cpu",
+        "--presets=tiny",
+        "--contexts=256",
+        "--base-segment=64",
+        "--precision=fp32",
+        "--warmup=1",
+        "--steps=1",
+        "--loss-chunk-tokens=100",  # the chunked output layer + loss inside the trainer
+        f"--out={out}",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [(r["kind"], r["status"]) for r in rows] == [("longnet", "ok"), ("dense", "ok")]
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["tflops"] > 0 and r["peak_gib"] > 0
+        assert r["loss_chunk_tokens"] == 100 and r["recompute"] == "none"
+        assert abs(r["loss"] - math.log(256)) < 1.0  # random tokens: about ln V
+    assert rows[0]["attention"].startswith("dilated") and rows[1]["attention"] == "Megatron local"
+    table = out.with_suffix(".md").read_text()
+    assert "| longnet | tiny | 256 | none | 100 |" in table and "| dense | tiny | 256 |" in table
