@@ -224,7 +224,11 @@ def environment(device) -> dict[str, Any]:
         "python": sys.version.split()[0],
     }
     if device.type == "cuda":
-        env.update(device=torch.cuda.get_device_name(), cudnn=torch.backends.cudnn.version())
+        try:
+            cudnn = torch.backends.cudnn.version()
+        except RuntimeError as err:  # TE's cuDNN loaded first: PyTorch refuses its own version check
+            cudnn = f"unavailable to torch ({str(err).splitlines()[0][:60]})"
+        env.update(device=torch.cuda.get_device_name(), cudnn=cudnn)
     else:
         env.update(device="CPU")
     return env

@@ -143,6 +143,41 @@ def _key_range(
 
 
 @triton.jit
+def _segment_block(
+    T0, T1, seg, offset, POS_OFF, N, W: tl.constexpr, R: tl.constexpr, TILE: tl.constexpr,
+    SUB: tl.constexpr,
+):  # fmt: skip
+    """Rows of tile [T0, T1) that pattern (W, R) selects in segment ``seg``, and the other side's range.
+
+    Returns (rows, row_ok, first, last, end, whole, other_first, n_other): for R = 1 the tile's own rows
+    (``whole``: all of them lie in the segment), else a sub-tile of SUB rows at step R from ``first``,
+    all below ``end`` (none when first >= end);
+    the partner rows (keys of query rows, or queries of key rows) are ``other_first + R * i`` for
+    i < n_other, all in the segment (clipped to the local sequence).
+    """
+    seg0 = seg * W
+    s0 = tl.maximum(seg0, POS_OFF)
+    s1 = tl.minimum(seg0 + W, POS_OFF + N)
+    lo = tl.maximum(T0, s0)
+    hi = tl.minimum(T1, s1)
+    other_first = _first_selected(s0, seg0, offset, R)
+    n_other = tl.maximum(s1 - other_first + R - 1, 0) // R
+    if R == 1:
+        rows = T0 + tl.arange(0, TILE)
+        row_ok = (rows >= lo) & (rows < hi)
+        first = lo
+        last = hi - 1
+        whole = (lo == T0) & (hi == T1)
+    else:
+        first = _first_selected(lo, seg0, offset, R)
+        rows = first + R * tl.arange(0, SUB)
+        row_ok = rows < hi
+        last = first + R * ((hi - 1 - first) // R)
+        whole = first < hi
+    return rows, row_ok, first, last, hi, whole, other_first, n_other
+
+
+@triton.jit
 def _fwd_pattern(
     acc, m_i, l_i, Q, K, V, DS, DE, sql, skl, svl, sdl,
     T0, T1, hg, POS_OFF, N, qk_scale,
@@ -153,35 +188,14 @@ def _fwd_pattern(
     offset = hg % R
     offs_d = tl.arange(0, HEAD_DIM)
     for seg in range(T0 // W, (T1 - 1) // W + 1):
-        seg0 = seg * W
-        s0 = tl.maximum(seg0, POS_OFF)
-        s1 = tl.minimum(seg0 + W, POS_OFF + N)
-        lo = tl.maximum(T0, s0)
-        hi = tl.minimum(T1, s1)
-        kfirst = _first_selected(s0, seg0, offset, R)
-        nk = tl.maximum(s1 - kfirst + R - 1, 0) // R
-        if R == 1:
-            rows = T0 + tl.arange(0, BM)
-            row_ok = (rows >= lo) & (rows < hi)
-            q = tl.load(
-                Q + (rows - POS_OFF).to(tl.int64)[:, None] * sql + offs_d[None, :],
-                mask=row_ok[:, None],
-                other=0.0,
-            )
-            first = lo
-            last = hi - 1
-            whole = (lo == T0) & (hi == T1)
-        else:
-            first = _first_selected(lo, seg0, offset, R)
-            rows = first + R * tl.arange(0, SUB)
-            row_ok = rows < hi
-            q = tl.load(
-                Q + (rows - POS_OFF).to(tl.int64)[:, None] * sql + offs_d[None, :],
-                mask=row_ok[:, None],
-                other=0.0,
-            )
-            last = first + R * ((hi - 1 - first) // R)
-            whole = first < hi
+        rows, row_ok, first, last, hi, whole, kfirst, nk = _segment_block(
+            T0, T1, seg, offset, POS_OFF, N, W, R, BM, SUB
+        )
+        q = tl.load(
+            Q + (rows - POS_OFF).to(tl.int64)[:, None] * sql + offs_d[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        )
         row_ds = rows
         row_de = rows
         ds_min = first
@@ -341,25 +355,9 @@ def _dq_pattern(
     offset = hg % R
     offs_d = tl.arange(0, HEAD_DIM)
     for seg in range(T0 // W, (T1 - 1) // W + 1):
-        seg0 = seg * W
-        s0 = tl.maximum(seg0, POS_OFF)
-        s1 = tl.minimum(seg0 + W, POS_OFF + N)
-        lo = tl.maximum(T0, s0)
-        hi = tl.minimum(T1, s1)
-        kfirst = _first_selected(s0, seg0, offset, R)
-        nk = tl.maximum(s1 - kfirst + R - 1, 0) // R
-        if R == 1:
-            rows = T0 + tl.arange(0, BM)
-            row_ok = (rows >= lo) & (rows < hi)
-            first = lo
-            last = hi - 1
-            whole = (lo == T0) & (hi == T1)
-        else:
-            first = _first_selected(lo, seg0, offset, R)
-            rows = first + R * tl.arange(0, SUB)
-            row_ok = rows < hi
-            last = first + R * ((hi - 1 - first) // R)
-            whole = first < hi
+        rows, row_ok, first, last, hi, whole, kfirst, nk = _segment_block(
+            T0, T1, seg, offset, POS_OFF, N, W, R, BM, SUB
+        )
         local = (rows - POS_OFF).to(tl.int64)
         q = tl.load(Q + local[:, None] * sql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         do = tl.load(DO + local[:, None] * sdol + offs_d[None, :], mask=row_ok[:, None], other=0.0)
@@ -516,30 +514,16 @@ def _dkdv_pattern(
     offset = hg % R
     offs_d = tl.arange(0, HEAD_DIM)
     for seg in range(T0 // W, (T1 - 1) // W + 1):
-        seg0 = seg * W
-        s0 = tl.maximum(seg0, POS_OFF)
-        s1 = tl.minimum(seg0 + W, POS_OFF + N)
-        lo = tl.maximum(T0, s0)
-        hi = tl.minimum(T1, s1)
-        qfirst = _first_selected(s0, seg0, offset, R)
-        nq = tl.maximum(s1 - qfirst + R - 1, 0) // R
+        keys, key_ok, first, last, hi, whole, qfirst, nq = _segment_block(
+            T0, T1, seg, offset, POS_OFF, N, W, R, BN, SUB
+        )
         if R == 1:
-            keys = T0 + tl.arange(0, BN)
-            key_ok = (keys >= lo) & (keys < hi)
             k = k_tile
             v = v_tile
-            first = lo
-            last = hi - 1
-            whole = (lo == T0) & (hi == T1)
         else:
-            first = _first_selected(lo, seg0, offset, R)
-            keys = first + R * tl.arange(0, SUB)
-            key_ok = keys < hi
             local = (keys - POS_OFF).to(tl.int64)
             k = tl.load(K + local[:, None] * skl + offs_d[None, :], mask=key_ok[:, None], other=0.0)
             v = tl.load(V + local[:, None] * svl + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-            last = first + R * ((hi - 1 - first) // R)
-            whole = first < hi
         key_ds = keys
         key_de = keys
         qlo = nq * 0

@@ -16,12 +16,11 @@ import torch
 import triton
 
 from ..backends.base import UnsupportedInputError
+from ..backends.triton_kernel import TritonBackend
 from ..config import DilatedAttentionConfig
 from . import kernels
 
 MAX_PATTERNS = 8
-HEAD_DIMS = (16, 32, 64, 128)
-_HALF = (torch.float16, torch.bfloat16)
 
 # (tile, inner block, warps, stages); the first is the default when tuning is off.
 _CANDIDATES = {
@@ -39,16 +38,7 @@ def _interpreting() -> bool:
 
 def check_inputs(q: torch.Tensor, config: DilatedAttentionConfig) -> None:
     """Raise :class:`UnsupportedInputError` naming why the fused kernel cannot run these inputs."""
-    if q.device.type != "cuda" and not _interpreting():
-        raise UnsupportedInputError(f"the fused triton kernel needs CUDA tensors, got device {q.device}")
-    if q.dtype not in _HALF:
-        raise UnsupportedInputError(
-            f"the fused triton kernel needs float16 or bfloat16, got {str(q.dtype).removeprefix('torch.')}"
-        )
-    if q.shape[-1] not in HEAD_DIMS:
-        raise UnsupportedInputError(
-            f"the fused triton kernel needs head_dim in {HEAD_DIMS}, got {q.shape[-1]}"
-        )
+    TritonBackend().check(q)  # device, dtype and head size: the same limits as the per-call kernels
     if len(config.patterns) > MAX_PATTERNS:
         raise UnsupportedInputError(
             f"the fused triton kernel takes at most {MAX_PATTERNS} patterns, got {len(config.patterns)}"
