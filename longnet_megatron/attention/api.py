@@ -8,7 +8,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from .backends import OVERRIDE_ENV, AttentionBackend, UnsupportedInputError, auto_order, get_backend
+from .backends import OVERRIDE_ENV, AttentionBackend, UnsupportedInputError, get_backend
 from .config import DilatedAttentionConfig
 from .function import DilatedAttentionFunction
 from .indexing import AttentionTask, plan_tasks
@@ -106,7 +106,10 @@ def _fused_kernel(
     document_ids: torch.Tensor | None,
     cp_group: torch.distributed.ProcessGroup | None,
 ):
-    """The fused triton module if it should run these inputs, else None (errors for document masks)."""
+    """The fused triton module when asked for (``"triton"``, or document masking), else None.
+
+    Raises :class:`UnsupportedInputError` when it is asked for but cannot run the inputs.
+    """
     if cp_group is not None and torch.distributed.get_world_size(cp_group) > 1:
         if document_ids is not None:
             raise UnsupportedInputError("document masking is not available with context parallelism")
@@ -114,23 +117,18 @@ def _fused_kernel(
     name = backend if isinstance(backend, str) else getattr(backend, "name", "")
     if name == "auto":
         name = os.environ.get(OVERRIDE_ENV, "auto") or "auto"
-    wanted = name == "triton" or (
-        name == "auto" and (document_ids is not None or (q.is_cuda and auto_order()[0] == "triton"))
-    )
-    if not wanted:
-        if document_ids is not None:
-            raise UnsupportedInputError(
-                f"document masking needs the fused triton kernel (backend='triton'), not backend {name!r}"
-            )
+    if name != "triton" and document_ids is None:
         return None
+    if name not in ("triton", "auto"):
+        raise UnsupportedInputError(
+            f"document masking needs the fused triton kernel (backend='triton'), not backend {name!r}"
+        )
     try:
         from . import fused
 
         fused.check_inputs(q, config)
     except (ImportError, UnsupportedInputError) as err:
-        if document_ids is not None or name == "triton":
-            raise UnsupportedInputError(f"fused triton kernel: {err}") from err
-        return None
+        raise UnsupportedInputError(f"fused triton kernel: {err}") from err
     return fused
 
 

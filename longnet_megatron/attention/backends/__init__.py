@@ -54,11 +54,6 @@ register_backend("triton", ".triton_kernel:TritonBackend", auto_rank=2)  # the p
 register_backend("triton-calls", ".triton_kernel:TritonCallsBackend")
 
 
-def auto_order() -> list[str]:
-    """The backends ``"auto"`` tries, in order (``triton`` first means the fused kernel on one rank)."""
-    return list(_AUTO_ORDER)
-
-
 def available_backends() -> list[str]:
     """Names of all registered backends (importable or not)."""
     return sorted(_REGISTRY)
@@ -115,7 +110,6 @@ __all__ = [
     "AttentionBackend",
     "ReferenceBackend",
     "UnsupportedInputError",
-    "auto_order",
     "available_backends",
     "get_backend",
     "register_backend",

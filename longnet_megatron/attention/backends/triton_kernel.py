@@ -132,26 +132,41 @@ def _fwd_kernel(
 # backward
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def _bwd_delta_kernel(
-    OUT, DO, DELTA, sob, sol, soh, sdb, sdl, sdh, H, LQ, NUM_M,
-    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _delta_kernel(
+    OUT, DO, DELTA, sob, sol, soh, sdob, sdol, sdoh, N, H, BM: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
+    """delta = rowsum(dO * O) per row and head, [B, H, N] float32 (64-bit row offsets)."""
     pid = tl.program_id(0)
-    start_m = pid % NUM_M
-    bh = pid // NUM_M
-    off_b = (bh // H).to(tl.int64)
-    off_h = (bh % H).to(tl.int64)
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    rows = pid * BM + tl.arange(0, BM)
+    ok = rows < N
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < LQ
-    o = tl.load(
-        OUT + off_b * sob + off_h * soh + offs_m[:, None] * sol + offs_d[None, :], mask=row_ok[:, None]
-    )
+    r64 = rows.to(tl.int64)
+    o = tl.load(OUT + b * sob + h * soh + r64[:, None] * sol + offs_d[None, :], mask=ok[:, None], other=0.0)
     do = tl.load(
-        DO + off_b * sdb + off_h * sdh + offs_m[:, None] * sdl + offs_d[None, :], mask=row_ok[:, None]
+        DO + b * sdob + h * sdoh + r64[:, None] * sdol + offs_d[None, :], mask=ok[:, None], other=0.0
     )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * LQ + offs_m, delta, mask=row_ok)
+    tl.store(DELTA + bh.to(tl.int64) * N + r64, delta, mask=ok)
+
+
+def merged_delta(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    """``rowsum(dout * out)`` ``[B, H, N]`` float32 of ``[B, N, H, D]`` tensors (any row/head strides).
+
+    The backward's delta term, computed from the MERGED output (DESIGN.md section 2); shared by the
+    per-call and the fused kernels.
+    """
+    b, n, h, d = out.shape
+    delta = torch.empty((b, h, n), dtype=torch.float32, device=out.device)
+    _delta_kernel[(triton.cdiv(n, 64), b * h)](
+        out, dout, delta,
+        out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        n, h, BM=64, HEAD_DIM=d,
+    )  # fmt: skip
+    return delta
 
 
 @triton.jit
@@ -427,13 +442,7 @@ class TritonBackend:
         cfg = _bwd_config(d)
         bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
         num_m = triton.cdiv(lq, bm)
-        delta = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
-        _bwd_delta_kernel[(num_m * b * h,)](
-            out, dout, delta,
-            out.stride(0), out.stride(1), out.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            h, lq, num_m, BLOCK_M=bm, HEAD_DIM=d, num_warps=4,
-        )  # fmt: skip
+        delta = merged_delta(out, dout)
         common = (
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),

@@ -65,6 +65,36 @@ def _place_rows(vec, sub_rows, sub_ok, tile0, fill, TILE: tl.constexpr):
     return tl.max(tl.where(hit, vec[None, :], fill), 1)
 
 
+@triton.jit
+def _key_block(
+    K, V, skl, svl, kk, hi, kfirst, POS_OFF, R: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr
+):  # fmt: skip
+    """k, v rows at global positions ``kfirst + R * kk`` (zeros for kk >= hi when MASKED), the positions,
+    and which of them lie below ``hi``."""
+    kpos = kfirst + kk * R
+    local = (kpos - POS_OFF).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = kk < hi
+    if MASKED:
+        k = tl.load(K + local[:, None] * skl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + local[:, None] * svl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    else:
+        k = tl.load(K + local[:, None] * skl + offs_d[None, :])
+        v = tl.load(V + local[:, None] * svl + offs_d[None, :])
+    return k, v, kpos, col_ok
+
+
+@triton.jit
+def _visible(rows, row_ok, row_ds, row_de, kpos, col_ok, CAUSAL: tl.constexpr, DOC: tl.constexpr):
+    """[rows, keys]: query row sees key (both in range, causal order, same document)."""
+    valid = row_ok[:, None] & col_ok[None, :]
+    if CAUSAL:
+        valid = valid & (kpos[None, :] <= rows[:, None])
+    if DOC:
+        valid = valid & (kpos[None, :] >= row_ds[:, None]) & (kpos[None, :] < row_de[:, None])
+    return valid
+
+
 # --------------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------------
@@ -76,25 +106,13 @@ def _fwd_keys(
 ):  # fmt: skip
     """Online softmax of query rows ``q`` over keys ``kfirst + R * kk`` for kk in [lo, hi)."""
     offs_n = tl.arange(0, BN)
-    offs_d = tl.arange(0, HEAD_DIM)
     for kk0 in range(lo, hi, BN):
-        kk = kk0 + offs_n
-        kpos = kfirst + kk * R
-        local = (kpos - POS_OFF).to(tl.int64)
-        if MASKED:
-            col_ok = kk < hi
-            k = tl.load(K + local[:, None] * skl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            v = tl.load(V + local[:, None] * svl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        else:
-            k = tl.load(K + local[:, None] * skl + offs_d[None, :])
-            v = tl.load(V + local[:, None] * svl + offs_d[None, :])
+        k, v, kpos, col_ok = _key_block(
+            K, V, skl, svl, kk0 + offs_n, hi, kfirst, POS_OFF, R, HEAD_DIM, MASKED
+        )
         s = tl.dot(q, tl.trans(k)) * qk_scale
         if MASKED:
-            valid = row_ok[:, None] & col_ok[None, :]
-            if CAUSAL:
-                valid = valid & (kpos[None, :] <= rows[:, None])
-            if DOC:
-                valid = valid & (kpos[None, :] >= row_ds[:, None]) & (kpos[None, :] < row_de[:, None])
+            valid = _visible(rows, row_ok, row_ds, row_de, kpos, col_ok, CAUSAL, DOC)
             s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -317,26 +335,14 @@ def _dq_keys(
 ):  # fmt: skip
     """dq of query rows over keys ``kfirst + R * kk`` for kk in [lo, hi), with the merged lse."""
     offs_n = tl.arange(0, BN)
-    offs_d = tl.arange(0, HEAD_DIM)
     for kk0 in range(lo, hi, BN):
-        kk = kk0 + offs_n
-        kpos = kfirst + kk * R
-        local = (kpos - POS_OFF).to(tl.int64)
-        if MASKED:
-            col_ok = kk < hi
-            k = tl.load(K + local[:, None] * skl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            v = tl.load(V + local[:, None] * svl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        else:
-            k = tl.load(K + local[:, None] * skl + offs_d[None, :])
-            v = tl.load(V + local[:, None] * svl + offs_d[None, :])
+        k, v, kpos, col_ok = _key_block(
+            K, V, skl, svl, kk0 + offs_n, hi, kfirst, POS_OFF, R, HEAD_DIM, MASKED
+        )
         s = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
-            valid = row_ok[:, None] & col_ok[None, :]
-            if CAUSAL:
-                valid = valid & (kpos[None, :] <= rows[:, None])
-            if DOC:
-                valid = valid & (kpos[None, :] >= row_ds[:, None]) & (kpos[None, :] < row_de[:, None])
+            valid = _visible(rows, row_ok, row_ds, row_de, kpos, col_ok, CAUSAL, DOC)
             p = tl.where(valid, p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
@@ -651,24 +657,3 @@ def _dkdv_kernel(
         mask=tile_ok[:, None],
     )
     tl.store(DV + local[:, None] * sdvl + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=tile_ok[:, None])
-
-
-@triton.jit
-def _delta_kernel(
-    OUT, DO, DELTA, sob, sol, soh, sdob, sdol, sdoh, N, H, BM: tl.constexpr, HEAD_DIM: tl.constexpr,
-):  # fmt: skip
-    """delta = rowsum(dO * O) of the merged output, [B, H, N] float32."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    rows = pid * BM + tl.arange(0, BM)
-    ok = rows < N
-    offs_d = tl.arange(0, HEAD_DIM)
-    r64 = rows.to(tl.int64)
-    o = tl.load(OUT + b * sob + h * soh + r64[:, None] * sol + offs_d[None, :], mask=ok[:, None], other=0.0)
-    do = tl.load(
-        DO + b * sdob + h * sdoh + r64[:, None] * sdol + offs_d[None, :], mask=ok[:, None], other=0.0
-    )
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * N + r64, delta, mask=ok)

@@ -4,6 +4,8 @@ Block sizes are tuned per shape on first use (``triton.testing.do_bench`` over a
 candidates) and remembered in memory and in a JSON file (``LONGNET_TRITON_TUNE_CACHE``, default
 ``~/.cache/longnet_megatron/triton_tune.json``), so a training run tunes once per shape and a later
 run not at all. ``LONGNET_TRITON_AUTOTUNE=0`` takes the first candidate without timing.
+(Not ``triton.autotune``: its configs are fixed dicts, while each pattern's sub-tile size, a
+constexpr, follows from the tile size being tuned and the pattern set of the call.)
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 import triton
 
 from ..backends.base import UnsupportedInputError
-from ..backends.triton_kernel import TritonBackend
+from ..backends.triton_kernel import TritonBackend, merged_delta
 from ..config import DilatedAttentionConfig
 from . import kernels
 
@@ -186,10 +188,7 @@ def fused_backward(
     if dq.numel() == 0:
         return dq, dk.zero_(), dv.zero_()
     dout = dout if dout.stride(3) == 1 else dout.contiguous()
-    delta = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
-    kernels._delta_kernel[(triton.cdiv(n, 64), b * h)](
-        out, dout, delta, *_strides4(out), *_strides4(dout), n, h, BM=64, HEAD_DIM=d
-    )
+    delta = merged_delta(out, dout)
     ds, de, sdb, sdl = _doc_args(doc, q)
     key = _shape_key(q, k, config, doc is not None)
     common = (
