@@ -13,8 +13,8 @@ shared/gpu/README.md).
     python tools/bench_attention.py --n 131072 --sets geometric --backends sdpa-cudnn --head-dims 128
     python tools/bench_attention.py --render a.json b.json   # merge runs into --out-json and --out-md
 
-Backends: any registered name; ``triton`` is the fused kernel (all patterns in one pass),
-``triton-calls`` the same Triton code call by call, ``triton-docs`` the fused kernel with document
+Backends: any name of ``backend_names()``; ``triton-fused`` is the fused kernel (all patterns in one
+pass), ``triton`` the same Triton code call by call, ``triton-docs`` the fused kernel with document
 masking (documents of ``--doc-len`` tokens).
 
 Pattern sets: ``geometric`` w = 2048 * 2^k, r = 2^k, k = 0..4; ``paper`` w = 2048..32768,
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import shlex
 import statistics
@@ -38,8 +39,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from longnet_megatron.attention import DilatedAttentionConfig, dilated_attention, get_backend  # noqa: E402
+from longnet_megatron.attention.backends import WHOLE_FUNCTION_BACKENDS  # noqa: E402
 
 DOCS_BACKEND = "triton-docs"  # pseudo-backend: the fused triton kernel with document masking
+FUSED = "triton-fused"
 DEFAULT_N = [8192, 16384, 32768, 131072, 524288, 1048576]
 SETS = ("geometric", "paper", "fullrange")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -182,10 +185,10 @@ def sweep(args: argparse.Namespace) -> list[dict]:
                     docs = None
                     if name == DOCS_BACKEND:  # the fused kernel with documents of --doc-len tokens
                         docs = torch.arange(n, device="cuda").div(args.doc_len, rounding_mode="floor")[None]
-                    backend = get_backend("triton" if docs is not None else name)
+                    backend = FUSED if docs is not None else name
                     row = {**base, "set": set_name, "patterns": [list(p) for p in config.patterns]}
                     if name == "sdpa":
-                        row["kernel"] = backend.select(tensors[0])
+                        row["kernel"] = get_backend("sdpa").select(tensors[0])
                     if docs is not None:
                         row["doc_len"] = args.doc_len
 
@@ -328,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention needs a CUDA device")
-    args.backends = [b for b in args.backends if _usable("triton" if b == DOCS_BACKEND else b)]
+    args.backends = [b for b in args.backends if _usable(FUSED if b == DOCS_BACKEND else b)]
     meta = {
         **_versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -347,7 +350,10 @@ def main(argv: list[str] | None = None) -> None:
 def _usable(name: str) -> bool:
     """Whether backend ``name`` loads here (a missing one is reported and left out)."""
     try:
-        get_backend(name)
+        if name in WHOLE_FUNCTION_BACKENDS:
+            importlib.import_module(WHOLE_FUNCTION_BACKENDS[name])
+        else:
+            get_backend(name)
         return True
     except (ImportError, OSError, RuntimeError) as err:
         print(f"backend {name} left out: {err}")

@@ -46,7 +46,7 @@ import torch.distributed as dist  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from longnet_megatron.attention import DilatedAttentionConfig, dilated_attention  # noqa: E402
-from longnet_megatron.parallel import last_comm_stats  # noqa: E402
+from longnet_megatron.attention.cp import last_comm_stats  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-import os
+import importlib
 from functools import lru_cache
 
 import torch
 from torch import nn
 
-from .backends import OVERRIDE_ENV, AttentionBackend, UnsupportedInputError, get_backend
+from .backends import (
+    AUTO,
+    WHOLE_FUNCTION_BACKENDS,
+    AttentionBackend,
+    UnsupportedInputError,
+    get_backend,
+    resolve_name,
+)
 from .config import DilatedAttentionConfig
+from .cp import context_parallel_dilated_attention
 from .function import DilatedAttentionFunction
 from .indexing import AttentionTask, plan_tasks
 
@@ -50,22 +58,23 @@ def dilated_attention(
     return_lse: bool = False,
     document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Exact LongNet dilated attention.
+    """Exact LongNet dilated attention (docs/design.md section 1).
 
     q: ``[B, N, Hq, D]``; k, v: ``[B, N, Hkv, D]`` with Hq a multiple of Hkv (query head h reads key
     head h // (Hq / Hkv)). ``head_offset`` is the global index of local head 0 (tensor parallelism) and
     ``position_offset`` the global position of local token 0; patterns are chosen by global index.
-    ``cp_group`` of size > 1 runs LongNet's distributed algorithm over that group, q, k, v being this
-    rank's contiguous chunk. ``backend`` is ``"auto"`` (the first of sdpa, te, reference that runs the
-    inputs; the environment variable LONGNET_ATTENTION_BACKEND overrides it), a backend name
-    (``available_backends()``) or a backend object. On one rank, ``"triton"`` runs the fused kernel
-    (all patterns in one pass, :mod:`.fused`); ``"triton-calls"`` the same kernels call by call.
-    ``document_ids`` ``[B, N]`` (a document is a run of equal ids) masks attention across documents of
-    a packed sequence; only the fused triton kernel offers it. Returns ``[B, N, Hq, D]`` (and the
-    float32 log-sum-exp ``[B, N, Hq]`` with ``return_lse``).
+    ``cp_group`` of size > 1 runs LongNet's distributed algorithm over that group (:mod:`.cp`), q, k, v
+    being this rank's contiguous chunk. ``backend`` is a name of :func:`~.backends.backend_names` or a
+    backend object: ``"auto"`` is the first per-call kernel of sdpa, te, triton (CUDA only), reference
+    that accepts the inputs (``LONGNET_ATTENTION_BACKEND`` overrides it); ``"triton-fused"`` computes
+    every pattern in one pass on one rank (:mod:`.fused`). ``document_ids`` ``[B, N]`` (a document is a
+    run of equal ids) masks attention across documents of a packed sequence; only ``triton-fused``
+    offers it (with ``"auto"`` it is chosen). Returns ``[B, N, Hq, D]`` (and the float32 log-sum-exp
+    ``[B, N, Hq]`` with ``return_lse``).
     """
     _check_inputs(q, k, v)
-    fused = _fused_kernel(q, config, backend, document_ids, cp_group)
+    distributed = cp_group is not None and torch.distributed.get_world_size(cp_group) > 1
+    fused = _whole_function_kernel(q, config, backend, document_ids, distributed)
     if fused is not None:
         doc = (None, None)
         if document_ids is not None:
@@ -77,9 +86,7 @@ def dilated_attention(
         out, lse = fused.FusedDilatedAttention.apply(
             q, k, v, config, config.scale_for(q.shape[-1]), head_offset, position_offset, *doc
         )
-    elif cp_group is not None and torch.distributed.get_world_size(cp_group) > 1:
-        from ..parallel.context_parallel import context_parallel_dilated_attention
-
+    elif distributed:
         out, lse = context_parallel_dilated_attention(
             q,
             k,
@@ -99,33 +106,34 @@ def dilated_attention(
     return (out, lse) if return_lse else out
 
 
-def _fused_kernel(
+def _whole_function_kernel(
     q: torch.Tensor,
     config: DilatedAttentionConfig,
     backend: str | AttentionBackend,
     document_ids: torch.Tensor | None,
-    cp_group: torch.distributed.ProcessGroup | None,
+    distributed: bool,
 ):
-    """The fused triton module when asked for (``"triton"``, or document masking), else None.
+    """The fused module when ``triton-fused`` is asked for (or document masking needs it), else None.
 
     Raises :class:`UnsupportedInputError` when it is asked for but cannot run the inputs.
     """
-    if cp_group is not None and torch.distributed.get_world_size(cp_group) > 1:
+    name = resolve_name(backend) if isinstance(backend, str) else getattr(backend, "name", "")
+    wanted = name in WHOLE_FUNCTION_BACKENDS
+    if not wanted and document_ids is None:
+        return None
+    if distributed:
         if document_ids is not None:
             raise UnsupportedInputError("document masking is not available with context parallelism")
-        return None
-    name = backend if isinstance(backend, str) else getattr(backend, "name", "")
-    if name == "auto":
-        name = os.environ.get(OVERRIDE_ENV, "auto") or "auto"
-    if name != "triton" and document_ids is None:
-        return None
-    if name not in ("triton", "auto"):
         raise UnsupportedInputError(
-            f"document masking needs the fused triton kernel (backend='triton'), not backend {name!r}"
+            f"backend {name!r} runs on one rank only; under context parallelism use a per-call kernel "
+            "(auto, sdpa, te, triton, reference)"
+        )
+    if not wanted and name != AUTO:
+        raise UnsupportedInputError(
+            f"document masking needs the fused triton kernel (backend='triton-fused'), not backend {name!r}"
         )
     try:
-        from . import fused
-
+        fused = importlib.import_module(WHOLE_FUNCTION_BACKENDS["triton-fused"])
         fused.check_inputs(q, config)
     except (ImportError, UnsupportedInputError) as err:
         raise UnsupportedInputError(f"fused triton kernel: {err}") from err

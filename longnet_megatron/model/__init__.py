@@ -6,7 +6,7 @@ from longnet_megatron.model.config import LongNetConfig
 from longnet_megatron.model.core_attention import DilatedCoreAttention
 from longnet_megatron.model.gpt_model import LongNetGPTModel
 from longnet_megatron.model.presets import PRESETS, LongNetPreset, get_preset
-from longnet_megatron.model.rope import ContiguousCPRotaryEmbedding, contiguous_cp_chunk
+from longnet_megatron.model.rope import ContiguousCPRotaryEmbedding
 from longnet_megatron.model.specs import get_longnet_layer_spec
 
 __all__ = [
@@ -18,7 +18,6 @@ __all__ = [
     "LongNetPreset",
     "build_longnet_gpt",
     "chunked_linear_cross_entropy",
-    "contiguous_cp_chunk",
     "get_longnet_layer_spec",
     "get_preset",
     "make_longnet_config",

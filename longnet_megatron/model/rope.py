@@ -14,18 +14,7 @@ from functools import lru_cache
 import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-
-def contiguous_cp_chunk(tensor: torch.Tensor, seq_dim: int, cp_rank: int, cp_size: int) -> torch.Tensor:
-    """Chunk ``cp_rank`` of ``cp_size`` equal contiguous chunks of ``tensor`` along ``seq_dim``.
-
-    The one definition of LongNet's context-parallel split: data loaders, RoPE and the attention's
-    position offset (``cp_rank * local_len``) all agree with it.
-    """
-    length = tensor.shape[seq_dim]
-    if length % cp_size:
-        raise ValueError(f"sequence length {length} is not divisible by context-parallel size {cp_size}")
-    chunk = length // cp_size
-    return tensor.narrow(seq_dim, cp_rank * chunk, chunk)
+from longnet_megatron.parallel.layout import contiguous_cp_chunk
 
 
 class ContiguousCPRotaryEmbedding(RotaryEmbedding):

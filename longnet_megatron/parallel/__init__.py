@@ -1,19 +1,15 @@
-"""Parallel algorithms specific to LongNet: context parallelism over Megatron's CP group.
+"""How the job is laid out over processes: Megatron's parallel sizes and LongNet's contiguous CP split.
 
-``context_parallel_dilated_attention`` is LongNet's distributed dilated attention (reached through
-``dilated_attention(..., cp_group=...)``); ``last_comm_stats`` reports the bytes a rank sent.
-``longnet_megatron.parallel.batch.split_batch_for_context_parallel`` is the matching contiguous split
-of a training batch (kept out of this namespace so the attention path does not import Megatron).
+``layout`` holds the parallel sizes, Megatron's initialisation and the one definition of a rank's
+contiguous sequence chunk; ``batch`` splits a training batch by it. The distributed attention
+algorithm itself lives with the attention (:mod:`longnet_megatron.attention.cp`).
 """
 
-from longnet_megatron.parallel.context_parallel import (
-    CommStats,
-    context_parallel_dilated_attention,
-    last_comm_stats,
+from longnet_megatron.parallel.layout import (
+    ParallelLayout,
+    contiguous_cp_chunk,
+    free_port,
+    initialize_megatron_parallel,
 )
 
-__all__ = [
-    "CommStats",
-    "context_parallel_dilated_attention",
-    "last_comm_stats",
-]
+__all__ = ["ParallelLayout", "contiguous_cp_chunk", "free_port", "initialize_megatron_parallel"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from longnet_megatron.model.rope import contiguous_cp_chunk
+from longnet_megatron.parallel.layout import contiguous_cp_chunk
 
 # Megatron's batches carry a [b, 1, s, s] mask whose query dimension is 2 (the key dimension stays
 # whole, like Megatron's own split); everything else is [b, s, ...].

@@ -1,12 +1,15 @@
-"""A Megatron parallel layout and its initialisation: one place for trainer, exporter and test harness.
+"""A Megatron parallel layout, its initialisation and LongNet's contiguous CP chunk: one place for the
+trainer, exporter, evaluator and test harness.
 
-Importing this module does not import Megatron (the attention path must stay light).
+Importing this module does not import Megatron (start-up of the command-line tools stays light).
 """
 
 from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -49,3 +52,16 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def contiguous_cp_chunk(tensor: torch.Tensor, seq_dim: int, cp_rank: int, cp_size: int) -> torch.Tensor:
+    """Chunk ``cp_rank`` of ``cp_size`` equal contiguous chunks of ``tensor`` along ``seq_dim``.
+
+    The one definition of LongNet's context-parallel split (docs/design.md section 4): data loaders,
+    RoPE and the attention's position offset (``cp_rank * local_len``) all agree with it.
+    """
+    length = tensor.shape[seq_dim]
+    if length % cp_size:
+        raise ValueError(f"sequence length {length} is not divisible by context-parallel size {cp_size}")
+    chunk = length // cp_size
+    return tensor.narrow(seq_dim, cp_rank * chunk, chunk)

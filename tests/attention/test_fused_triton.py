@@ -74,7 +74,7 @@ def check_against_oracle(
     out = dilated_attention(
         *views,
         case.config,
-        backend="triton",
+        backend="triton-fused",
         head_offset=case.head_offset,
         position_offset=case.position_offset,
         document_ids=None if doc is None else doc.to(device),
@@ -160,7 +160,7 @@ def test_document_masking_refused_elsewhere():
     with pytest.raises(UnsupportedInputError, match="document masking needs the fused triton"):
         dilated_attention(q, q, q, cfg, backend="reference", document_ids=torch.zeros(1, 16))
     with pytest.raises(UnsupportedInputError, match="fused triton kernel"):
-        dilated_attention(q, q, q, cfg, backend="triton")  # float32
+        dilated_attention(q, q, q, cfg, backend="triton-fused")  # float32
 
 
 def test_document_ids_from_eod():
@@ -230,13 +230,13 @@ def test_gpu_allocates_only_outputs(device):
     for t in (q, k, v):
         t.requires_grad_()
     cfg = DilatedAttentionConfig.geometric(2048, 5)
-    out = dilated_attention(q, k, v, cfg, backend="triton")  # compile and tune outside the measurement
+    out = dilated_attention(q, k, v, cfg, backend="triton-fused")  # compile and tune outside the measurement
     torch.autograd.grad(out, (q, k, v), dout)
     del out
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    out = dilated_attention(q, k, v, cfg, backend="triton")
+    out = dilated_attention(q, k, v, cfg, backend="triton-fused")
     grads = torch.autograd.grad(out, (q, k, v), dout)
     torch.cuda.synchronize()
     grown = torch.cuda.max_memory_allocated() - before

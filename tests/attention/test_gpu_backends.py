@@ -146,9 +146,9 @@ def test_auto_choice_prefers_fused_kernels():
     backend = get_backend("auto", q32)
     assert backend.name == "sdpa" and backend.select(q32) == "efficient"
     # The order itself: sdpa, then te where it imports, then the project's triton kernel, then the reference.
-    from longnet_megatron.attention.backends import _AUTO_ORDER
+    from longnet_megatron.attention.backends import AUTO_ORDER
 
-    assert _AUTO_ORDER == ["sdpa", "te", "triton", "reference"]
+    assert AUTO_ORDER == ["sdpa", "te", "triton", "reference"]
 
 
 def test_override_by_environment(monkeypatch):

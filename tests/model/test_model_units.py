@@ -20,7 +20,6 @@ from longnet_megatron.model import (
     make_longnet_config,
 )
 from longnet_megatron.model.core_attention import DilatedCoreAttention
-from longnet_megatron.model.rope import contiguous_cp_chunk
 from longnet_megatron.model.specs import transformer_engine_available
 from longnet_megatron.model.state_dict import (
     merge_tensor_parallel_shards,
@@ -28,6 +27,7 @@ from longnet_megatron.model.state_dict import (
     shard_for_tensor_parallel,
     tensor_parallel_dim,
 )
+from longnet_megatron.parallel.layout import contiguous_cp_chunk
 
 GPT3 = {  # name: (layers, hidden, heads)
     "125m": (12, 768, 12),

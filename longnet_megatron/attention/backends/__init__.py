@@ -1,12 +1,23 @@
-"""Attention kernels behind one interface, and the automatic choice among them.
+"""Attention kernels behind one interface, the one list of their names, and the automatic choice.
 
-``get_backend("auto", q)`` tries the fused kernels in order of measured speed and takes the first that
-imports and accepts ``q``: ``sdpa`` (PyTorch's cuDNN, flash or memory-efficient kernel, in that order),
-then ``te`` (Transformer Engine's cuDNN attention), then ``reference``. On the H100 (bf16, D = 128,
-benchmarks/attention.md) sdpa's cuDNN path is 15-25% faster than te at N >= 32K: it takes the strided
-dilated selections as views, where TE's fixed layouts need a copy per call. A name picks one explicitly and fails
-with the reason if it cannot run; ``sdpa-cudnn``, ``sdpa-flash`` and ``sdpa-efficient`` pin one of
-PyTorch's kernels. The environment variable ``LONGNET_ATTENTION_BACKEND`` overrides ``"auto"``.
+Two kinds of backend share one namespace (:func:`backend_names` lists every name a user may give):
+
+* per-call kernels (:class:`~.base.AttentionBackend`): dense attention with log-sum-exp and its
+  backward; ``dilated_attention`` runs one per (pattern, head offset, block) and merges them. They
+  also serve context parallelism. ``reference`` (PyTorch math, any device), ``sdpa`` (PyTorch's cuDNN,
+  flash or memory-efficient kernel, first that accepts the inputs; ``sdpa-cudnn``, ``sdpa-flash``,
+  ``sdpa-efficient`` pin one), ``te`` (Transformer Engine's cuDNN attention), ``triton`` (the
+  project's own Triton kernel).
+* whole-function kernels, which compute all patterns of one rank at once: ``triton-fused``
+  (:mod:`..fused`, one online softmax over every pattern, strided loads). They run on one rank only.
+
+``"auto"`` takes the first per-call kernel of :data:`AUTO_ORDER` that imports and accepts the
+inputs: ``sdpa``, then ``te``, then ``triton`` (CUDA tensors only: never Triton's CPU interpreter),
+then ``reference``. On the H100 (bf16, D = 128, benchmarks/attention.md) sdpa's cuDNN path is
+15-25% faster than te at N >= 32K (it takes strided dilated selections as views, where TE's fixed
+layouts need a copy per call) and the per-call Triton kernel is slower than both. "auto" never picks
+``triton-fused``. A name picks one backend explicitly and fails with the reason if it cannot run.
+The environment variable ``LONGNET_ATTENTION_BACKEND`` overrides ``"auto"`` (not an explicit name).
 """
 
 from __future__ import annotations
@@ -29,7 +40,10 @@ _REGISTRY: dict[str, str | Callable[[], AttentionBackend]] = {
     "sdpa-efficient": ".sdpa:SdpaEfficientBackend",
     "reference": ReferenceBackend,
 }
-_AUTO_ORDER: list[str] = ["sdpa", "te", "reference"]
+AUTO_ORDER: list[str] = ["sdpa", "te", "reference"]
+# Whole-function kernels (all patterns of one rank in one pass): name -> the module that runs them.
+WHOLE_FUNCTION_BACKENDS: dict[str, str] = {"triton-fused": "longnet_megatron.attention.fused"}
+AUTO = "auto"
 OVERRIDE_ENV = "LONGNET_ATTENTION_BACKEND"
 _CACHE: dict[str, AttentionBackend] = {}
 # Backends whose import or construction failed, with the error (re-raised without retrying).
@@ -45,25 +59,44 @@ def register_backend(
     _CACHE.pop(name, None)
     _FAILED.pop(name, None)
     if auto_rank is not None:
-        if name in _AUTO_ORDER:
-            _AUTO_ORDER.remove(name)
-        _AUTO_ORDER.insert(auto_rank, name)
+        if name in AUTO_ORDER:
+            AUTO_ORDER.remove(name)
+        AUTO_ORDER.insert(auto_rank, name)
 
 
 register_backend("triton", ".triton_kernel:TritonBackend", auto_rank=2)  # the project's own; after sdpa, te
-register_backend("triton-calls", ".triton_kernel:TritonCallsBackend")
 
 
 def available_backends() -> list[str]:
-    """Names of all registered backends (importable or not)."""
+    """Names of the registered per-call kernels (importable or not)."""
     return sorted(_REGISTRY)
 
 
+def backend_names() -> list[str]:
+    """Every name ``backend=`` accepts: ``"auto"``, the per-call kernels and the whole-function ones."""
+    return [AUTO, *available_backends(), *sorted(WHOLE_FUNCTION_BACKENDS)]
+
+
+def resolve_name(name: str) -> str:
+    """``name`` with ``"auto"`` replaced by ``LONGNET_ATTENTION_BACKEND`` when that is set."""
+    if name == AUTO:
+        return os.environ.get(OVERRIDE_ENV, AUTO) or AUTO
+    return name
+
+
+def check_backend_name(name: str) -> None:
+    """Raise ValueError naming the choices when ``name`` is no backend name."""
+    if name not in backend_names():
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {backend_names()}")
+
+
 def _load(name: str) -> AttentionBackend:
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"unknown attention backend {name!r}; choose 'auto' or one of {available_backends()}"
+    if name in WHOLE_FUNCTION_BACKENDS:
+        raise UnsupportedInputError(
+            f"{name!r} computes all patterns at once on one rank and has no per-call kernel; give "
+            "dilated_attention(backend=...) that name, or a per-call kernel (triton) under context parallelism"
         )
+    check_backend_name(name)
     if name in _FAILED:
         raise _FAILED[name]
     if name not in _CACHE:
@@ -85,15 +118,14 @@ def get_backend(name: str | AttentionBackend = "auto", q: torch.Tensor | None = 
         if q is not None:
             name.check(q)
         return name
-    if name == "auto":
-        name = os.environ.get(OVERRIDE_ENV, "auto") or "auto"
-    if name != "auto":
+    name = resolve_name(name)
+    if name != AUTO:
         backend = _load(name)
         if q is not None:
             backend.check(q)
         return backend
     reasons = []
-    for candidate in _AUTO_ORDER:
+    for candidate in AUTO_ORDER:
         if candidate.startswith("triton") and q is not None and q.device.type != "cuda":
             continue  # never Triton's CPU interpreter unless asked for by name
         try:
@@ -107,10 +139,15 @@ def get_backend(name: str | AttentionBackend = "auto", q: torch.Tensor | None = 
 
 
 __all__ = [
+    "AUTO_ORDER",
+    "WHOLE_FUNCTION_BACKENDS",
     "AttentionBackend",
     "ReferenceBackend",
     "UnsupportedInputError",
     "available_backends",
+    "backend_names",
+    "check_backend_name",
     "get_backend",
     "register_backend",
+    "resolve_name",
 ]

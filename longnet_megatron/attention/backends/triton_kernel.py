@@ -465,9 +465,3 @@ class TritonBackend:
             CAUSAL=causal, HEAD_DIM=d, **cfg,
         )  # fmt: skip
         return dq, dk, dv
-
-
-class TritonCallsBackend(TritonBackend):
-    """The same kernels, but a single-rank ``dilated_attention`` runs them call by call, not fused."""
-
-    name = "triton-calls"

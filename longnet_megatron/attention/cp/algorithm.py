@@ -29,11 +29,10 @@ from functools import lru_cache
 import torch
 import torch.distributed as dist
 
-from longnet_megatron.attention.backends import AttentionBackend, get_backend
-from longnet_megatron.attention.config import DilatedAttentionConfig
-from longnet_megatron.attention.function import dilated_backward, dilated_forward, merge_partial
-from longnet_megatron.attention.indexing import RowBlock, Selection, index_tensor
-
+from ..backends import AttentionBackend, get_backend
+from ..config import DilatedAttentionConfig
+from ..function import dilated_backward, dilated_forward, merge_partial
+from ..indexing import RowBlock, Selection, index_tensor
 from .exchange import PendingExchange, ensure_communicator, start_exchange
 from .plan import ContextParallelPlan, CrossingSegment, OffsetExchange, plan_context_parallel
 

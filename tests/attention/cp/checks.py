@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from longnet_megatron.attention import DilatedAttentionConfig, dilated_attention
 from longnet_megatron.attention.backends import ReferenceBackend
-from longnet_megatron.parallel import last_comm_stats
+from longnet_megatron.attention.cp import last_comm_stats
 from tests.attention.oracle import oracle_attention
 
 

@@ -12,7 +12,7 @@ import random
 import pytest
 
 from longnet_megatron.attention import DilatedAttentionConfig
-from longnet_megatron.parallel.plan import plan_context_parallel
+from longnet_megatron.attention.cp.plan import plan_context_parallel
 
 
 def _plans(config, n, cp, heads=6, kv_heads=2, head_offset=0, base=0):

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from longnet_megatron.attention.config import DilatedAttentionConfig
-from longnet_megatron.attention.indexing import (
+from ..config import DilatedAttentionConfig
+from ..indexing import (
     AttentionTask,
     RowBlock,
     Selection,
