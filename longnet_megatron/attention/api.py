@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from .backends import (
-    AUTO,
     WHOLE_FUNCTION_BACKENDS,
     AttentionBackend,
     UnsupportedInputError,
@@ -18,6 +17,7 @@ from .backends import (
 )
 from .config import DilatedAttentionConfig
 from .cp import context_parallel_dilated_attention
+from .documents import Documents, document_bounds
 from .function import DilatedAttentionFunction
 from .indexing import AttentionTask, plan_tasks
 
@@ -56,7 +56,7 @@ def dilated_attention(
     backend: str | AttentionBackend = "auto",
     cp_group: torch.distributed.ProcessGroup | None = None,
     return_lse: bool = False,
-    document_ids: torch.Tensor | None = None,
+    document_ids: torch.Tensor | Documents | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact LongNet dilated attention (docs/design.md section 1).
 
@@ -68,21 +68,20 @@ def dilated_attention(
     backend object: ``"auto"`` is the first per-call kernel of sdpa, te, triton (CUDA only), reference
     that accepts the inputs (``LONGNET_ATTENTION_BACKEND`` overrides it); ``"triton-fused"`` computes
     every pattern in one pass on one rank (:mod:`.fused`). ``document_ids`` ``[B, N]`` (a document is a
-    run of equal ids) masks attention across documents of a packed sequence; only ``triton-fused``
-    offers it (with ``"auto"`` it is chosen). Returns ``[B, N, Hq, D]`` (and the float32 log-sum-exp
-    ``[B, N, Hq]`` with ``return_lse``).
+    run of equal ids; or a :class:`~.documents.Documents` made once per batch, which every layer then
+    shares) masks attention across the documents of a packed sequence (docs/design.md section 7):
+    every backend offers it, per-call kernels through their variable-length paths, and under context
+    parallelism documents may cross rank boundaries. Returns ``[B, N, Hq, D]`` (and the float32
+    log-sum-exp ``[B, N, Hq]`` with ``return_lse``).
     """
     _check_inputs(q, k, v)
+    documents = _documents(document_ids, q)
     distributed = cp_group is not None and torch.distributed.get_world_size(cp_group) > 1
-    fused = _whole_function_kernel(q, config, backend, document_ids, distributed)
+    fused = _whole_function_kernel(q, config, backend, distributed)
     if fused is not None:
         doc = (None, None)
-        if document_ids is not None:
-            if document_ids.shape != q.shape[:2]:
-                raise ValueError(
-                    f"document_ids must be [batch, seq] = {tuple(q.shape[:2])}, got {tuple(document_ids.shape)}"
-                )
-            doc = fused.document_bounds(document_ids.to(q.device), position_offset)
+        if documents is not None:
+            doc = document_bounds(documents.ids, position_offset)
         out, lse = fused.FusedDilatedAttention.apply(
             q, k, v, config, config.scale_for(q.shape[-1]), head_offset, position_offset, *doc
         )
@@ -96,41 +95,41 @@ def dilated_attention(
             head_offset=head_offset,
             position_offset=position_offset,
             backend=backend,
+            documents=documents,
         )
     else:
-        impl = get_backend(backend, q)
+        impl = get_backend(backend, q, documents=documents is not None)
         tasks = _cached_plan(config, q.shape[1], q.shape[2], k.shape[2], head_offset, position_offset)
         out, lse = DilatedAttentionFunction.apply(
-            q, k, v, tasks, impl, config.causal, config.scale_for(q.shape[-1])
+            q, k, v, tasks, impl, config.causal, config.scale_for(q.shape[-1]), documents
         )
     return (out, lse) if return_lse else out
 
 
+def _documents(document_ids: torch.Tensor | Documents | None, q: torch.Tensor) -> Documents | None:
+    """``document_ids`` as :class:`Documents` on q's device, checked against q's ``[B, N]``."""
+    if document_ids is None:
+        return None
+    if not isinstance(document_ids, Documents):
+        document_ids = Documents(document_ids.to(q.device))
+    document_ids.check(q)
+    return document_ids
+
+
 def _whole_function_kernel(
-    q: torch.Tensor,
-    config: DilatedAttentionConfig,
-    backend: str | AttentionBackend,
-    document_ids: torch.Tensor | None,
-    distributed: bool,
+    q: torch.Tensor, config: DilatedAttentionConfig, backend: str | AttentionBackend, distributed: bool
 ):
-    """The fused module when ``triton-fused`` is asked for (or document masking needs it), else None.
+    """The fused module when ``triton-fused`` is asked for, else None.
 
     Raises :class:`UnsupportedInputError` when it is asked for but cannot run the inputs.
     """
     name = resolve_name(backend) if isinstance(backend, str) else getattr(backend, "name", "")
-    wanted = name in WHOLE_FUNCTION_BACKENDS
-    if not wanted and document_ids is None:
+    if name not in WHOLE_FUNCTION_BACKENDS:
         return None
     if distributed:
-        if document_ids is not None:
-            raise UnsupportedInputError("document masking is not available with context parallelism")
         raise UnsupportedInputError(
             f"backend {name!r} runs on one rank only; under context parallelism use a per-call kernel "
             "(auto, sdpa, te, triton, reference)"
-        )
-    if not wanted and name != AUTO:
-        raise UnsupportedInputError(
-            f"document masking needs the fused triton kernel (backend='triton-fused'), not backend {name!r}"
         )
     try:
         fused = importlib.import_module(WHOLE_FUNCTION_BACKENDS["triton-fused"])
@@ -156,6 +155,7 @@ class DilatedAttention(nn.Module):
         *,
         head_offset: int = 0,
         position_offset: int = 0,
+        document_ids: torch.Tensor | Documents | None = None,
     ) -> torch.Tensor:
         """See :func:`dilated_attention`."""
         return dilated_attention(
@@ -166,6 +166,7 @@ class DilatedAttention(nn.Module):
             head_offset=head_offset,
             position_offset=position_offset,
             backend=self.backend,
+            document_ids=document_ids,
         )
 
     def extra_repr(self) -> str:

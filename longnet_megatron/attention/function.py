@@ -10,6 +10,11 @@ Backward (DESIGN.md section 2): each task's kernel backward runs on the gathered
 MERGED O and L, and its dq, dk, dv are scatter-added. With P_i = exp(S_i - L) these are exactly the
 gradients of the merged attention; nothing is differentiated through the merge weights.
 
+Document masking (docs/design.md section 7): with :class:`~.documents.Documents`, each call whose
+segments hold a document boundary runs as a variable-length batch over the documents' runs (or is
+split into dense runs of whole-document segments and one variable-length call); the merge and the
+backward are the same, since every call still returns (O_i, L_i) of its rows.
+
 Memory (1M tokens must fit one 80 GB GPU): selections are views wherever the layout allows (r = 1, and
 w a multiple of r), gathered copies are dropped as soon as the kernel has read them, calls are cut so
 that one call's query holds at most ``MAX_CALL_ELEMENTS`` elements (bounding kernel outputs and
@@ -25,6 +30,7 @@ from collections.abc import Sequence
 import torch
 
 from .backends.base import AttentionBackend
+from .documents import Documents, Varlen, attend, attend_backward
 from .indexing import AttentionTask, Selection
 from .packing import PackedSelection, PackedTask, kernel_calls
 
@@ -61,6 +67,21 @@ def _calls(
     return calls
 
 
+def _document_calls(
+    tasks: Sequence[AttentionTask],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    max_elements: int,
+    backend: AttentionBackend,
+    documents: Documents | None,
+) -> list[tuple[AttentionTask | PackedTask, Varlen | None]]:
+    """The kernel calls of ``tasks``, split by document when ``documents`` are given (None: dense)."""
+    calls = _calls(tasks, q, k, max_elements)
+    if documents is None:
+        return [(call, None) for call in calls]
+    return documents.calls(calls, q, k.shape[2], backend)
+
+
 def _first_pattern_covers_all(tasks: Sequence[AttentionTask], q: torch.Tensor) -> bool:
     """True if the first pattern's tasks lead the list and cover every (position, head).
 
@@ -89,6 +110,7 @@ def dilated_forward(
     causal: bool,
     scale: float,
     max_call_elements: int = MAX_CALL_ELEMENTS,
+    documents: Documents | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merged output ``[B, N, Hq, D]`` (q's dtype) and log-sum-exp ``[B, N, Hq]`` (float32/64)."""
     direct = _first_pattern_covers_all(tasks, q)
@@ -99,9 +121,11 @@ def dilated_forward(
     else:
         out, lse = new_accumulators(q)
     first = tasks[0].pattern if tasks else None
-    for task in _calls(tasks, q, k, max_call_elements):
+    for task, varlen in _document_calls(tasks, q, k, max_call_elements, backend, documents):
         sel, kv = task.query, task.key_value
-        o_i, l_i = backend.forward(sel.gather(q), kv.gather(k), kv.gather(v), causal=causal, scale=scale)
+        o_i, l_i = attend(
+            backend, sel.gather(q), kv.gather(k), kv.gather(v), varlen, causal=causal, scale=scale
+        )
         if direct and task.pattern == first:
             sel.put(out, o_i)
             sel.put(lse, l_i.transpose(1, 2))
@@ -157,6 +181,7 @@ def dilated_backward(
     causal: bool,
     scale: float,
     max_call_elements: int = MAX_CALL_ELEMENTS,
+    documents: Documents | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact (dq, dk, dv) of the merged attention, given its output and log-sum-exp."""
     # The first pattern's gradients are written, not added, when it covers every (position, head) and
@@ -169,15 +194,17 @@ def dilated_backward(
     dk = alloc(k.shape, dtype=acc, device=k.device)
     dv = alloc(v.shape, dtype=acc, device=v.device)
     dout = dout.to(q.dtype)
-    for task in _calls(tasks, q, k, max_call_elements):
+    for task, varlen in _document_calls(tasks, q, k, max_call_elements, backend, documents):
         sel, kv = task.query, task.key_value
-        grads = backend.backward(
+        grads = attend_backward(
+            backend,
             sel.gather(dout),
             sel.gather(q),
             kv.gather(k),
             kv.gather(v),
             sel.gather(out),
             sel.gather(lse).transpose(1, 2),
+            varlen,
             causal=causal,
             scale=scale,
         )
@@ -192,10 +219,11 @@ class DilatedAttentionFunction(torch.autograd.Function):
     """One autograd node for all patterns; saves q, k, v, O, L (no per-pattern copies)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, tasks, backend, causal, scale):  # noqa: D102
-        out, lse = dilated_forward(q, k, v, tasks, backend, causal=causal, scale=scale)
+    def forward(ctx, q, k, v, tasks, backend, causal, scale, documents=None):  # noqa: D102
+        out, lse = dilated_forward(q, k, v, tasks, backend, causal=causal, scale=scale, documents=documents)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.tasks, ctx.backend, ctx.causal, ctx.scale = tasks, backend, causal, scale
+        ctx.documents = documents
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -203,6 +231,7 @@ class DilatedAttentionFunction(torch.autograd.Function):
     def backward(ctx, dout, _dlse):  # noqa: D102
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = dilated_backward(
-            dout, q, k, v, out, lse, ctx.tasks, ctx.backend, causal=ctx.causal, scale=ctx.scale
-        )
-        return dq, dk, dv, None, None, None, None
+            dout, q, k, v, out, lse, ctx.tasks, ctx.backend, causal=ctx.causal, scale=ctx.scale,
+            documents=ctx.documents,
+        )  # fmt: skip
+        return dq, dk, dv, None, None, None, None, None

@@ -115,6 +115,10 @@ class Selection:
             heads = index_tensor(self.heads, x.device)
         return rows, heads[None, None, :]
 
+    def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The selected rows of a per-token ``[B, N]`` tensor (document runs, ...) as ``[B*S, L]``."""
+        return Selection(self.rows, slice(0, 1)).gather(x[:, :, None])[..., 0]
+
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """The selected rows and heads of ``x`` as a dense batch ``[B*S, L, Hs, ...]``."""
         view = self._view(x)

@@ -30,6 +30,7 @@ class PackedSelection:
 
     flat: torch.Tensor
     shape: tuple[int, int, int]
+    num_heads: int  # H of the tensors it selects from
 
     @classmethod
     def stack(cls, selections: Sequence[Selection], batch: int, num_positions: int, num_heads: int,
@@ -44,10 +45,15 @@ class PackedSelection:
             flat = (b * num_positions + rows[None, :, :, None]) * num_heads + heads
             parts.append(flat.flatten(0, 1))
         flat = torch.cat(parts)
-        return cls(flat.reshape(-1), tuple(flat.shape))
+        return cls(flat.reshape(-1), tuple(flat.shape), num_heads)
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(-1, *x.shape[3:])
+
+    def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The selected rows of a per-token ``[B, N]`` tensor as ``[M, L]``."""
+        first_head = self.flat.view(self.shape)[:, :, 0]
+        return x.reshape(-1)[first_head // self.num_heads]
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """The selected rows and heads of ``x`` as one dense batch ``[M, L, Hs, ...]`` (a copy)."""

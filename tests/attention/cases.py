@@ -39,6 +39,14 @@ class Case:
         return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v, dout))
 
 
+def random_documents(batch: int, n: int, seed: int, rate: float = 0.08) -> torch.Tensor:
+    """``[batch, n]`` ids of packed documents with random lengths (mean 1 / rate tokens; some single)."""
+    gen = torch.Generator().manual_seed(seed)
+    breaks = torch.rand(batch, n, generator=gen) < rate
+    breaks[:, 0] = False
+    return torch.cumsum(breaks.long(), dim=1) * 7 % 5  # ids repeat: documents are runs, not id classes
+
+
 def random_case(seed: int) -> Case:
     """A random valid case: ragged patterns, GQA, offsets, short and long sequences."""
     rng = random.Random(seed)

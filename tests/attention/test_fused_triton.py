@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from longnet_megatron.attention import DilatedAttentionConfig, UnsupportedInputError, dilated_attention
+from longnet_megatron.attention.documents import document_bounds, document_ids_from_eod
 
-from .cases import NAMED_CASES, Case, random_case
+from .cases import NAMED_CASES, Case, random_case, random_documents
 from .oracle import oracle_attention, same_document
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
@@ -36,14 +37,6 @@ def device() -> str:
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     x, ref = x.double(), ref.double().to(x.device)
     return ((x - ref).norm() / ref.norm().clamp_min(1e-6)).item()
-
-
-def random_documents(batch: int, n: int, seed: int, rate: float = 0.08) -> torch.Tensor:
-    """``[batch, n]`` ids of packed documents with random lengths (mean 1 / rate tokens; some single)."""
-    gen = torch.Generator().manual_seed(seed)
-    breaks = torch.rand(batch, n, generator=gen) < rate
-    breaks[:, 0] = False
-    return torch.cumsum(breaks.long(), dim=1) * 7 % 5  # ids repeat: documents are runs, not id classes
 
 
 def check_against_oracle(
@@ -154,18 +147,14 @@ def test_oracle_document_mask_is_attention_per_document():
     assert same_document(ids[0])[6, 7].item() is False
 
 
-def test_document_masking_refused_elsewhere():
+def test_fused_kernel_refuses_float32():
     q = torch.zeros(1, 16, 2, 16)
     cfg = DilatedAttentionConfig((8,), (1,))
-    with pytest.raises(UnsupportedInputError, match="document masking needs the fused triton"):
-        dilated_attention(q, q, q, cfg, backend="reference", document_ids=torch.zeros(1, 16))
     with pytest.raises(UnsupportedInputError, match="fused triton kernel"):
         dilated_attention(q, q, q, cfg, backend="triton-fused")  # float32
 
 
 def test_document_ids_from_eod():
-    from longnet_megatron.attention.fused import document_bounds, document_ids_from_eod
-
     tokens = torch.tensor([[5, 0, 3, 3, 0, 7, 8]])
     ids = document_ids_from_eod(tokens, eod_token=0)
     assert ids.tolist() == [[0, 0, 1, 1, 1, 2, 2]]  # the end-of-document token closes its document

@@ -12,7 +12,7 @@ Two kinds of backend share one namespace (:func:`backend_names` lists every name
   (:mod:`..fused`, one online softmax over every pattern, strided loads). They run on one rank only.
 
 ``"auto"`` takes the first per-call kernel of :data:`AUTO_ORDER` that imports and accepts the
-inputs: ``sdpa``, then ``te``, then ``triton`` (CUDA tensors only: never Triton's CPU interpreter),
+inputs (with document masking, the first whose variable-length path accepts them too): ``sdpa``, then ``te``, then ``triton`` (CUDA tensors only: never Triton's CPU interpreter),
 then ``reference``. On the H100 (bf16, D = 128, benchmarks/attention.md) sdpa's cuDNN path is
 15-25% faster than te at N >= 32K (it takes strided dilated selections as views, where TE's fixed
 layouts need a copy per call) and the per-call Triton kernel is slower than both. "auto" never picks
@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import torch
 
-from .base import AttentionBackend, UnsupportedInputError
+from .base import AttentionBackend, UnsupportedInputError, VarlenBackend
 from .reference import ReferenceBackend
 
 # name -> "module:Class" (imported lazily: fused kernels need CUDA libraries that may be absent).
@@ -112,17 +112,33 @@ def _load(name: str) -> AttentionBackend:
     return _CACHE[name]
 
 
-def get_backend(name: str | AttentionBackend = "auto", q: torch.Tensor | None = None) -> AttentionBackend:
-    """Resolve ``name`` (or pass through a backend object), checking it accepts ``q`` when given."""
-    if not isinstance(name, str):
+def _check(backend: AttentionBackend, q: torch.Tensor | None, documents: bool) -> None:
+    """Raise :class:`UnsupportedInputError` unless ``backend`` takes ``q`` (and variable-length calls)."""
+    if q is not None:
+        backend.check(q)
+    if documents:
+        if not isinstance(backend, VarlenBackend):
+            raise UnsupportedInputError(
+                f"backend {getattr(backend, 'name', backend)!r} has no variable-length path for document masking"
+            )
         if q is not None:
-            name.check(q)
+            backend.check_varlen(q)
+
+
+def get_backend(
+    name: str | AttentionBackend = "auto", q: torch.Tensor | None = None, *, documents: bool = False
+) -> AttentionBackend:
+    """Resolve ``name`` (or pass through a backend object), checking it accepts ``q`` when given.
+
+    ``documents``: the backend must also run variable-length calls (document masking).
+    """
+    if not isinstance(name, str):
+        _check(name, q, documents)
         return name
     name = resolve_name(name)
     if name != AUTO:
         backend = _load(name)
-        if q is not None:
-            backend.check(q)
+        _check(backend, q, documents)
         return backend
     reasons = []
     for candidate in AUTO_ORDER:
@@ -130,12 +146,12 @@ def get_backend(name: str | AttentionBackend = "auto", q: torch.Tensor | None = 
             continue  # never Triton's CPU interpreter unless asked for by name
         try:
             backend = _load(candidate)
-            if q is not None:
-                backend.check(q)
+            _check(backend, q, documents)
             return backend
         except (*_LOAD_ERRORS, UnsupportedInputError) as err:
             reasons.append(f"{candidate}: {err}")
-    raise UnsupportedInputError("no attention backend accepts these inputs: " + "; ".join(reasons))
+    what = "these inputs with document masking" if documents else "these inputs"
+    raise UnsupportedInputError(f"no attention backend accepts {what}: " + "; ".join(reasons))
 
 
 __all__ = [
@@ -144,6 +160,7 @@ __all__ = [
     "AttentionBackend",
     "ReferenceBackend",
     "UnsupportedInputError",
+    "VarlenBackend",
     "available_backends",
     "backend_names",
     "check_backend_name",

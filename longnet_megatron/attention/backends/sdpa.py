@@ -11,6 +11,12 @@ views (no copy; strided selections stay views too) and results come back as view
 * flash: log-sum-exp ``[b, h, l]`` float32.
 * efficient: log-sum-exp ``[b, h, ceil(l / 32) * 32]`` (padded); the only one taking float32 inputs.
   It is the last resort: inputs are made contiguous for it.
+
+Variable-length calls (document masking) run PyTorch's flash kernel through
+``_flash_attention_forward`` / ``_flash_attention_backward`` with ``cum_seq_q`` / ``cum_seq_k``
+(the path under ``torch.nn.attention.varlen``; PyTorch's cuDNN ragged path is still experimental),
+whatever kernel the dense calls use: tensors ``[total, h, d]`` with any row and head strides,
+log-sum-exp ``[h, total]`` float32.
 """
 
 from __future__ import annotations
@@ -73,6 +79,12 @@ class SdpaBackend:
 
     name = "sdpa"
     kernel = "auto"
+
+    @property
+    def varlen_cost(self) -> float:
+        """Flash (variable-length) time per row relative to the dense kernel: cuDNN is ~1.5x faster on
+        the 2048-row segments dilated attention makes (shared/gpu/README.md), the others are flash."""
+        return 1.0 if self.kernel in ("flash", "efficient") else 1.5
 
     def __init__(self, kernel: str | None = None) -> None:
         if kernel is not None:
@@ -191,6 +203,73 @@ class SdpaBackend:
             )[:3]  # fmt: skip
         dq, dk, dv = (g.transpose(1, 2) for g in grads)
         return dq, dk, dv
+
+    # -- variable-length batches (document masking) ---------------------------------------------
+    def check_varlen(self, q: torch.Tensor) -> None:
+        """Raise :class:`UnsupportedInputError` unless PyTorch's flash kernel takes ``q``."""
+        key = ("varlen", q.dtype, q.shape[-1], q.device)
+        if key in self._choice:
+            return
+        if q.device.type != "cuda":
+            raise UnsupportedInputError(f"{self.name} backend needs CUDA tensors, got device {q.device}")
+        reason = _probe_support("flash", q.dtype, q.shape[-1], q.device)
+        if reason is not None:
+            raise UnsupportedInputError(
+                f"{self.name}'s variable-length path (document masking) runs the flash kernel: {reason}"
+            )
+        self._choice[key] = "flash"
+
+    def _varlen_rng(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rng-state tensors ``_flash_attention_forward`` returns (unused at dropout 0, but required)."""
+        key = ("varlen", like.device)
+        if key not in self._rng:
+            probe = torch.zeros(16, 1, like.shape[-1], dtype=like.dtype, device=like.device)
+            cu = torch.tensor([0, 16], dtype=torch.int32, device=like.device)
+            res = aten._flash_attention_forward(probe, probe, probe, cu, cu, 16, 16, 0.0, True, False)
+            self._rng[key] = _RngState(res[2], res[3])
+        state = self._rng[key]
+        return state.seed, state.offset
+
+    def forward_varlen(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        *,
+        causal: bool,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(out [t, h, d], lse [h, t] float32)`` of each sequence of the batch attending itself."""
+        self.check_varlen(q)
+        res = aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, causal, False, scale=scale
+        )
+        return res[0], res[1]
+
+    def backward_varlen(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        *,
+        causal: bool,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(dq, dk, dv)`` ``[t, h, d]`` given the merged ``out`` and ``lse`` ``[h, t]``."""
+        self.check_varlen(q)
+        seed, offset = self._varlen_rng(q)
+        grads = aten._flash_attention_backward(
+            dout, q, k, v, out, lse.float().contiguous(), cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+            0.0, causal, seed, offset, scale=scale,
+        )  # fmt: skip
+        return grads[0], grads[1], grads[2]
 
 
 class SdpaCudnnBackend(SdpaBackend):

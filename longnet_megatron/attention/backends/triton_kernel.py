@@ -13,6 +13,9 @@ safely.
   (looping over query blocks) and one accumulates dq per query block (looping over key blocks); no
   atomics, no float32 buffers the size of q.
 * ``causal`` is top-left aligned (query i sees keys j <= i); non-causal calls may be rectangular.
+* variable-length batches (document masking): the ``[T, H, D]`` rows are one sequence to the same
+  kernels, with each row's ``[start, end)`` (from ``cu_seqlens``) as a mask; a block reads only the
+  keys (queries) of its rows' sequences, and a block inside one sequence runs mask-free.
 * float16 and bfloat16; head_dim 16, 32, 64 or 128. The key/value head count must equal the query's
   (the caller expands grouped-query keys, as for every backend).
 
@@ -30,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .base import UnsupportedInputError
+from .base import UnsupportedInputError, run_bounds
 
 _HALF = (torch.float16, torch.bfloat16)
 _HEAD_DIMS = (16, 32, 64, 128)
@@ -46,9 +49,29 @@ def _interpreting() -> bool:
 # forward
 # --------------------------------------------------------------------------------------------------
 @triton.jit
+def _visible(offs_m, cols, LK, row_ds, row_de, CAUSAL: tl.constexpr, DOC: tl.constexpr):
+    """[rows, keys]: the key exists, (causal) is not after the row, (DOC) lies in the row's sequence."""
+    valid = (cols < LK)[None, :]
+    if CAUSAL:
+        valid = valid & (cols[None, :] <= offs_m[:, None])
+    if DOC:
+        valid = valid & (cols[None, :] >= row_ds[:, None]) & (cols[None, :] < row_de[:, None])
+    return valid
+
+
+@triton.jit
+def _row_span(ds, de, ok, FAR):
+    """(first start, last end, whether every valid row lies in one sequence) of a block's rows."""
+    lo = tl.min(tl.where(ok, ds, FAR), 0)
+    hi = tl.max(tl.where(ok, de, 0), 0)
+    one = tl.max(tl.where(ok, ds, lo), 0) == lo
+    return lo, hi, one
+
+
+@triton.jit
 def _fwd_inner(
-    acc, l_i, m_i, q, K, V, skl, svl, offs_m, offs_n, offs_d, lo, hi, LK, qk_scale,
-    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+    acc, l_i, m_i, q, K, V, skl, svl, offs_m, offs_n, offs_d, lo, hi, LK, qk_scale, row_ds, row_de,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOC: tl.constexpr,
 ):  # fmt: skip
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -61,13 +84,13 @@ def _fwd_inner(
             v = tl.load(V + cols[:, None] * svl + offs_d[None, :])
         s = tl.dot(q, tl.trans(k)) * qk_scale
         if MASKED:
-            valid = kv_ok[None, :]
-            if CAUSAL:
-                valid = valid & (cols[None, :] <= offs_m[:, None])
-            s = tl.where(valid, s, float("-inf"))
+            s = tl.where(_visible(offs_m, cols, LK, row_ds, row_de, CAUSAL, DOC), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
+        m_safe = m_new
+        if DOC:  # a row may see none of a block's keys: keep exp2 away from -inf - -inf
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc)
@@ -76,14 +99,38 @@ def _fwd_inner(
 
 
 @triton.jit
+def _key_range(BOUNDS, offs_m, row_ok, m0, LK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr, DOC: tl.constexpr):  # fmt: skip
+    """Keys [lo, hi) that query rows ``offs_m`` may see, the end of the mask-free part from lo, and the
+    rows' sequences ``[ds, de)`` (DOC: read from BOUNDS ``[2, LK]``, starts then ends; else unused)."""
+    hi = LK
+    visible_end = LK  # keys below this are seen by every row
+    if CAUSAL:
+        hi = tl.minimum(LK, m0 + BLOCK_M)
+        visible_end = tl.minimum(LK, m0)
+    lo = hi * 0
+    row_ds = offs_m
+    row_de = offs_m
+    if DOC:
+        row_ds = tl.load(BOUNDS + offs_m, mask=row_ok, other=0)
+        row_de = tl.load(BOUNDS + LK + offs_m, mask=row_ok, other=LK)
+        lo, doc_hi, one = _row_span(row_ds, row_de, row_ok, LK)
+        hi = tl.minimum(hi, doc_hi)
+        visible_end = tl.where(one, tl.minimum(visible_end, doc_hi), lo)
+    full_end = lo + (tl.maximum(visible_end - lo, 0) // BLOCK_N) * BLOCK_N
+    return lo, full_end, hi, row_ds, row_de
+
+
+@triton.jit
 def _fwd_kernel(
-    Q, K, V, OUT, LSE,
+    Q, K, V, OUT, LSE, BOUNDS,
     sqb, sql, sqh,
     skb, skl, skh,
     svb, svl, svh,
     sob, sol, soh,
     H, LQ, LK, qk_scale, NUM_M,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    DOC: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     start_m = NUM_M - 1 - pid % NUM_M  # heavy (late, causal) query blocks first
@@ -107,18 +154,16 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    full_end = (LK // BLOCK_N) * BLOCK_N
-    hi = LK
-    if CAUSAL:
-        full_end = (tl.minimum(LK, m0) // BLOCK_N) * BLOCK_N  # key blocks wholly below the diagonal
-        hi = tl.minimum(LK, m0 + BLOCK_M)
+    lo, full_end, hi, row_ds, row_de = _key_range(
+        BOUNDS, offs_m, row_ok, m0, LK, BLOCK_M, BLOCK_N, CAUSAL, DOC
+    )
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, K, V, skl, svl, offs_m, offs_n, offs_d, 0, full_end, LK, qk_scale,
-        BLOCK_N, CAUSAL, False,
+        acc, l_i, m_i, q, K, V, skl, svl, offs_m, offs_n, offs_d, lo, full_end, LK, qk_scale, row_ds,
+        row_de, BLOCK_N, CAUSAL, False, DOC,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, K, V, skl, svl, offs_m, offs_n, offs_d, full_end, hi, LK, qk_scale,
-        BLOCK_N, CAUSAL, True,
+        acc, l_i, m_i, q, K, V, skl, svl, offs_m, offs_n, offs_d, full_end, hi, LK, qk_scale, row_ds,
+        row_de, BLOCK_N, CAUSAL, True, DOC,
     )  # fmt: skip
     out = acc / l_i[:, None]
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # natural log
@@ -172,7 +217,7 @@ def merged_delta(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _bwd_dkdv_inner(
     dk, dv, k, v, Q, DO, LSE, DELTA, sql, sdl, sll, offs_n, offs_m_base, offs_d, lo, hi, LQ, qk_scale,
-    BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+    key_ds, key_de, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOC: tl.constexpr,
 ):  # fmt: skip
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m_base
@@ -187,6 +232,10 @@ def _bwd_dkdv_inner(
         if MASKED:
             if CAUSAL:
                 p_t = tl.where(rows[None, :] >= offs_n[:, None], p_t, 0.0)
+            if DOC:
+                p_t = tl.where(
+                    (rows[None, :] >= key_ds[:, None]) & (rows[None, :] < key_de[:, None]), p_t, 0.0
+                )
         dv += tl.dot(p_t.to(do.dtype), do)
         dp_t = tl.dot(v, tl.trans(do))
         ds_t = p_t * (dp_t - delta[None, :])
@@ -196,7 +245,7 @@ def _bwd_dkdv_inner(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, LSE, DELTA, DK, DV, BOUNDS,
     sqb, sql, sqh,
     skb, skl, skh,
     svb, svl, svh,
@@ -206,6 +255,7 @@ def _bwd_dkdv_kernel(
     sdvb, sdvl, sdvh,
     H, LQ, LK, qk_scale, scale, NUM_N,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    DOC: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     start_n = pid % NUM_N
@@ -231,20 +281,40 @@ def _bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
+    # Queries [lo, hi) may see the key block: masked [lo, free_lo) (causal: the rows that straddle
+    # the diagonal), mask-free [free_lo, free_hi), masked [free_hi, hi) (DOC: a partial sequence).
+    lo = LQ * 0
+    hi = LQ
+    free_lo = lo
     if CAUSAL:
-        # queries [n0, n0 + BLOCK_N) straddle the diagonal; later ones see the whole key block.
-        diag_end = tl.minimum(n0 + BLOCK_N, LQ)
-        dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, Q, DO, LSE, DELTA, sql, sdl, sll, offs_n, offs_m, offs_d, n0, diag_end, LQ,
-            qk_scale, BLOCK_M, CAUSAL, True,
-        )  # fmt: skip
-        lo = n0 + BLOCK_N
-    else:
-        lo = 0
+        lo = n0
+        free_lo = tl.minimum(n0 + BLOCK_N, LQ)
+    key_ds = offs_n
+    key_de = offs_n
+    free_hi = hi
+    if DOC:
+        key_ds = tl.load(BOUNDS + offs_n, mask=col_ok, other=LQ)
+        key_de = tl.load(BOUNDS + LK + offs_n, mask=col_ok, other=0)
+        doc_lo, doc_hi, one = _row_span(key_ds, key_de, col_ok, LQ)
+        lo = tl.maximum(lo, doc_lo)
+        hi = tl.minimum(hi, doc_hi)
+        free_lo = tl.maximum(free_lo, lo)
+        free_hi = tl.where(one, free_lo + (tl.maximum(hi - free_lo, 0) // BLOCK_M) * BLOCK_M, free_lo)
+        free_lo = tl.where(one, free_lo, hi)
+        free_hi = tl.where(one, free_hi, hi)
     dk, dv = _bwd_dkdv_inner(
-        dk, dv, k, v, Q, DO, LSE, DELTA, sql, sdl, sll, offs_n, offs_m, offs_d, lo, LQ, LQ,
-        qk_scale, BLOCK_M, CAUSAL, False,
+        dk, dv, k, v, Q, DO, LSE, DELTA, sql, sdl, sll, offs_n, offs_m, offs_d, lo, free_lo, LQ,
+        qk_scale, key_ds, key_de, BLOCK_M, CAUSAL, True, DOC,
     )  # fmt: skip
+    dk, dv = _bwd_dkdv_inner(
+        dk, dv, k, v, Q, DO, LSE, DELTA, sql, sdl, sll, offs_n, offs_m, offs_d, free_lo, free_hi, LQ,
+        qk_scale, key_ds, key_de, BLOCK_M, CAUSAL, False, DOC,
+    )  # fmt: skip
+    if DOC:
+        dk, dv = _bwd_dkdv_inner(
+            dk, dv, k, v, Q, DO, LSE, DELTA, sql, sdl, sll, offs_n, offs_m, offs_d, free_hi, hi, LQ,
+            qk_scale, key_ds, key_de, BLOCK_M, CAUSAL, True, DOC,
+        )  # fmt: skip
     dk = dk * scale
     tl.store(DK + offs_n[:, None] * sdkl + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV + offs_n[:, None] * sdvl + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
@@ -252,8 +322,8 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_inner(
-    dq, q, do, lse2, delta, K, V, skl, svl, offs_m, offs_n_base, offs_d, lo, hi, LK, qk_scale,
-    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+    dq, q, do, lse2, delta, K, V, skl, svl, offs_m, offs_n_base, offs_d, lo, hi, LK, qk_scale, row_ds,
+    row_de, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOC: tl.constexpr,
 ):  # fmt: skip
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n_base
@@ -267,10 +337,7 @@ def _bwd_dq_inner(
         s = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
-            valid = kv_ok[None, :]
-            if CAUSAL:
-                valid = valid & (cols[None, :] <= offs_m[:, None])
-            p = tl.where(valid, p, 0.0)
+            p = tl.where(_visible(offs_m, cols, LK, row_ds, row_de, CAUSAL, DOC), p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)
@@ -279,7 +346,7 @@ def _bwd_dq_inner(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, DO, LSE, DELTA, DQ, BOUNDS,
     sqb, sql, sqh,
     skb, skl, skh,
     svb, svl, svh,
@@ -288,6 +355,7 @@ def _bwd_dq_kernel(
     sdqb, sdql, sdqh,
     H, LQ, LK, qk_scale, scale, NUM_M,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    DOC: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     start_m = NUM_M - 1 - pid % NUM_M
@@ -313,18 +381,16 @@ def _bwd_dq_kernel(
     delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    full_end = (LK // BLOCK_N) * BLOCK_N
-    hi = LK
-    if CAUSAL:
-        full_end = (tl.minimum(LK, m0) // BLOCK_N) * BLOCK_N  # key blocks wholly below the diagonal
-        hi = tl.minimum(LK, m0 + BLOCK_M)
+    lo, full_end, hi, row_ds, row_de = _key_range(
+        BOUNDS, offs_m, row_ok, m0, LK, BLOCK_M, BLOCK_N, CAUSAL, DOC
+    )
     dq = _bwd_dq_inner(
-        dq, q, do, lse2, delta, K, V, skl, svl, offs_m, offs_n, offs_d, 0, full_end, LK, qk_scale,
-        BLOCK_N, CAUSAL, False,
+        dq, q, do, lse2, delta, K, V, skl, svl, offs_m, offs_n, offs_d, lo, full_end, LK, qk_scale,
+        row_ds, row_de, BLOCK_N, CAUSAL, False, DOC,
     )  # fmt: skip
     dq = _bwd_dq_inner(
         dq, q, do, lse2, delta, K, V, skl, svl, offs_m, offs_n, offs_d, full_end, hi, LK, qk_scale,
-        BLOCK_N, CAUSAL, True,
+        row_ds, row_de, BLOCK_N, CAUSAL, True, DOC,
     )  # fmt: skip
     dq = dq * scale
     tl.store(DQ + offs_m[:, None] * sdql + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -361,6 +427,7 @@ class TritonBackend:
     """Dense attention with log-sum-exp in the project's own Triton kernels (strided loads, no copies)."""
 
     name = "triton"
+    varlen_cost = 1.0  # the same kernels, masked only where a block holds a sequence boundary
 
     def check(self, q: torch.Tensor) -> None:
         """Raise :class:`UnsupportedInputError` naming the reason if the kernel cannot take ``q``."""
@@ -389,6 +456,12 @@ class TritonBackend:
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(out [b, l, h, d], lse [b, h, l] float32)`` of softmax(q k^T * scale) v."""
+        return self._forward(q, k, v, causal, scale, None)
+
+    def _forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+        bounds: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         self.check(q)
         self._shapes(q, k, v, causal)
         b, lq, h, d = q.shape
@@ -403,13 +476,13 @@ class TritonBackend:
         cfg = _fwd_config(d)
         num_m = triton.cdiv(lq, cfg["BLOCK_M"])
         _fwd_kernel[(num_m * b * h,)](
-            q, k, v, out, lse,
+            q, k, v, out, lse, _bounds_arg(bounds, q),
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             h, lq, lk, scale * _LOG2E, num_m,
-            CAUSAL=causal, HEAD_DIM=d, **cfg,
+            CAUSAL=causal, HEAD_DIM=d, DOC=bounds is not None, **cfg,
         )  # fmt: skip
         return out, lse
 
@@ -426,6 +499,12 @@ class TritonBackend:
         scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(dq, dk, dv)`` given the merged ``out`` and ``lse`` (``[b, h, l]``)."""
+        return self._backward(dout, q, k, v, out, lse, causal, scale, None)
+
+    def _backward(
+        self, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+        lse: torch.Tensor, causal: bool, scale: float, bounds: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         self.check(q)
         self._shapes(q, k, v, causal)
         b, lq, h, d = q.shape
@@ -451,17 +530,69 @@ class TritonBackend:
             lse.stride(0), lse.stride(1), lse.stride(2),
         )  # fmt: skip
         num_n = triton.cdiv(lk, bn)
+        doc = {"DOC": bounds is not None}
         _bwd_dkdv_kernel[(num_n * b * h,)](
-            q, k, v, dout, lse, delta, dk, dv, *common,
+            q, k, v, dout, lse, delta, dk, dv, _bounds_arg(bounds, q), *common,
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
             h, lq, lk, scale * _LOG2E, scale, num_n,
-            CAUSAL=causal, HEAD_DIM=d, **cfg,
+            CAUSAL=causal, HEAD_DIM=d, **doc, **cfg,
         )  # fmt: skip
         _bwd_dq_kernel[(num_m * b * h,)](
-            q, k, v, dout, lse, delta, dq, *common,
+            q, k, v, dout, lse, delta, dq, _bounds_arg(bounds, q), *common,
             dq.stride(0), dq.stride(1), dq.stride(2),
             h, lq, lk, scale * _LOG2E, scale, num_m,
-            CAUSAL=causal, HEAD_DIM=d, **cfg,
+            CAUSAL=causal, HEAD_DIM=d, **doc, **cfg,
         )  # fmt: skip
         return dq, dk, dv
+
+    # -- variable-length batches (document masking) ---------------------------------------------
+    def check_varlen(self, q: torch.Tensor) -> None:
+        """The same limits as the dense calls."""
+        self.check(q)
+
+    def forward_varlen(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        *,
+        causal: bool,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(out [t, h, d], lse [h, t] float32)`` of each sequence of the batch attending itself."""
+        bounds = _row_bounds(cu_seqlens, q.shape[0])
+        out, lse = self._forward(q[None], k[None], v[None], causal, scale, bounds)
+        return out[0], lse[0]
+
+    def backward_varlen(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        *,
+        causal: bool,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(dq, dk, dv)`` ``[t, h, d]`` given the merged ``out`` and ``lse`` ``[h, t]``."""
+        bounds = _row_bounds(cu_seqlens, q.shape[0])
+        tensors = (t[None] for t in (dout, q, k, v, out, lse))
+        grads = self._backward(*tensors, causal, scale, bounds)
+        return grads[0][0], grads[1][0], grads[2][0]
+
+
+def _row_bounds(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """``[2, total]`` int32: each row's sequence start, then its end (the kernels' BOUNDS)."""
+    return torch.stack(run_bounds(cu_seqlens, total)).to(torch.int32).contiguous()
+
+
+def _bounds_arg(bounds: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """``bounds``, or a one-element placeholder where the kernels do not read it (DOC off)."""
+    return bounds if bounds is not None else torch.zeros(1, dtype=torch.int32, device=like.device)

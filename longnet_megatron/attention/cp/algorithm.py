@@ -15,6 +15,10 @@ backward runs first, their dk, dv are sent back to the ranks that own those keys
 ``dilated_backward`` runs, and the owners add what they receive. Received keys are kept from the
 forward pass (O(w/r) per pattern, not O(N)), so backward re-sends nothing but gradients.
 
+Document masking (docs/design.md section 7): the local calls split by document like the single-rank
+path; a remote call keeps only the queries and keys of the document that crosses the rank boundary
+(:mod:`.documents`), found by global position.
+
 Remote calls have as many keys as the sources hold, which is rarely the number of local queries.
 They reach the backend as SQUARE calls only (:func:`_square_forward`), the one shape the single-rank
 path uses and so the one every kernel is tested with; padding costs at most the remote calls' own
@@ -31,8 +35,10 @@ import torch.distributed as dist
 
 from ..backends import AttentionBackend, get_backend
 from ..config import DilatedAttentionConfig
+from ..documents import Documents
 from ..function import dilated_backward, dilated_forward, merge_partial
 from ..indexing import RowBlock, Selection, index_tensor
+from .documents import DocumentSpan, RemoteCall, document_spans, remote_calls
 from .exchange import PendingExchange, ensure_communicator, start_exchange
 from .plan import ContextParallelPlan, CrossingSegment, OffsetExchange, plan_context_parallel
 
@@ -117,6 +123,14 @@ def _fold_heads(grad: torch.Tensor, off: OffsetExchange) -> torch.Tensor:
         return grad
     out = grad.new_zeros((*grad.shape[:2], off.kv_heads, grad.shape[3]))
     return out.index_add_(2, index_tensor(off.expand, grad.device), grad)
+
+
+def _query_part(sel: Selection, call: RemoteCall) -> Selection:
+    """The rows ``call.queries`` of a one-segment query selection."""
+    block = sel.rows
+    start, stop, _ = call.queries.indices(block.length)
+    part = RowBlock(block.start + start * block.step, 1, stop - start, block.segment_stride, block.step)
+    return Selection(part, sel.heads)
 
 
 def _merge_remote(
@@ -237,6 +251,30 @@ def _send_keys(
     return start_exchange(sends, receives, group)
 
 
+def _remote_forward(
+    plan: ContextParallelPlan,
+    received: list[dict[int, torch.Tensor]],
+    q: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    backend: AttentionBackend,
+    scale: float,
+    spans: tuple[DocumentSpan, ...] | None,
+) -> None:
+    """Fold the local queries' attention over the received keys into (out, lse)."""
+    batch, n, head_dim = q.shape[0], q.shape[1], q.shape[3]
+    chunk = (plan.position_offset, plan.position_offset + n)
+    for seg, messages in zip(plan.crossing, received):
+        for off, kv in zip(seg.offsets, _remote_keys(seg, messages, batch, head_dim)):
+            if kv is None:
+                continue
+            for call in remote_calls(seg, off, plan.rank, chunk, spans):
+                sel = _query_part(off.query, call)
+                keys = [t[call.batch, call.keys] for t in kv]
+                o_r, l_r = _square_forward(backend, sel.gather(q[call.batch]), *keys, scale)
+                _merge_remote(out[call.batch], lse[call.batch], sel, o_r, l_r)
+
+
 def _remote_backward(
     plan: ContextParallelPlan,
     received: list[dict[int, torch.Tensor]],
@@ -244,10 +282,12 @@ def _remote_backward(
     backend: AttentionBackend,
     scale: float,
     stats: CommStats,
+    spans: tuple[DocumentSpan, ...] | None,
 ) -> tuple[list, list[tuple[int, torch.Tensor, int]]]:
-    """Backward of the remote calls: (selection, dq) pairs and the dk, dv messages to the key owners."""
+    """Backward of the remote calls: (selection, batch, dq) parts and the dk, dv messages to the key owners."""
     dout, q, out, lse = tensors
-    batch, head_dim = q.shape[0], q.shape[3]
+    batch, n, head_dim = q.shape[0], q.shape[1], q.shape[3]
+    chunk = (plan.position_offset, plan.position_offset + n)
     dq_parts, returns = [], []
     for seg, messages in zip(plan.crossing, received):
         grads = {m: torch.zeros_like(messages[m]) for m in seg.sources}
@@ -255,17 +295,22 @@ def _remote_backward(
         for index, (off, kv) in enumerate(zip(seg.offsets, _remote_keys(seg, messages, batch, head_dim))):
             if kv is None:
                 continue
-            sel = off.query
-            dq_r, dk_r, dv_r = _square_backward(
-                backend,
-                sel.gather(dout),
-                sel.gather(q),
-                *kv,
-                sel.gather(out),
-                sel.gather(lse).transpose(1, 2),
-                scale,
-            )
-            dq_parts.append((sel, dq_r))
+            dk_r, dv_r = torch.zeros_like(kv[0]), torch.zeros_like(kv[1])
+            for call in remote_calls(seg, off, plan.rank, chunk, spans):
+                sel = _query_part(off.query, call)
+                rows = [sel.gather(t[call.batch]) for t in (dout, q, out)]
+                dq_c, dk_c, dv_c = _square_backward(
+                    backend,
+                    rows[0],
+                    rows[1],
+                    *(t[call.batch, call.keys] for t in kv),
+                    rows[2],
+                    sel.gather(lse[call.batch]).transpose(1, 2),
+                    scale,
+                )
+                dq_parts.append((sel, call.batch, dq_c))
+                dk_r[call.batch, call.keys] += dk_c
+                dv_r[call.batch, call.keys] += dv_c
             dk_r, dv_r = _fold_heads(dk_r, off), _fold_heads(dv_r, off)
             start = 0
             for m in seg.sources:  # the keys were concatenated in source order
@@ -283,25 +328,23 @@ class ContextParallelDilatedAttention(torch.autograd.Function):
     """One autograd node for the whole distributed layer; saves q, k, v, O, L and the received keys."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan, backend, group, causal, scale):  # noqa: D102
+    def forward(ctx, q, k, v, plan, backend, group, causal, scale, documents=None):  # noqa: D102
         global _LAST_STATS
-        batch, head_dim = q.shape[0], q.shape[3]
         ensure_communicator(group, q.device)
+        spans = None if documents is None else document_spans(documents, group, plan.position_offset)
         stats = CommStats()
         pending = _send_keys(plan, k, v, group, stats)
 
         # Local patterns and local parts of crossing segments compute while the keys travel.
-        out, lse = dilated_forward(q, k, v, plan.tasks, backend, causal=causal, scale=scale)
+        out, lse = dilated_forward(
+            q, k, v, plan.tasks, backend, causal=causal, scale=scale, documents=documents
+        )
 
         buffers = pending.wait()
-        for seg, messages in zip(plan.crossing, _received_by_segment(plan, buffers)):
-            for off, kv in zip(seg.offsets, _remote_keys(seg, messages, batch, head_dim)):
-                if kv is not None:
-                    o_r, l_r = _square_forward(backend, off.query.gather(q), *kv, scale)
-                    _merge_remote(out, lse, off.query, o_r, l_r)
+        _remote_forward(plan, _received_by_segment(plan, buffers), q, out, lse, backend, scale, spans)
         ctx.save_for_backward(q, k, v, out, lse, *buffers)
         ctx.plan, ctx.backend, ctx.group, ctx.stats = plan, backend, group, stats
-        ctx.causal, ctx.scale = causal, scale
+        ctx.causal, ctx.scale, ctx.documents, ctx.spans = causal, scale, documents, spans
         ctx.mark_non_differentiable(lse)
         _LAST_STATS = stats
         return out, lse
@@ -315,7 +358,9 @@ class ContextParallelDilatedAttention(torch.autograd.Function):
 
         # Remote calls first, so their key gradients travel while the local backward computes.
         received = _received_by_segment(plan, buffers)
-        dq_parts, returns = _remote_backward(plan, received, (dout, q, out, lse), backend, scale, ctx.stats)
+        dq_parts, returns = _remote_backward(
+            plan, received, (dout, q, out, lse), backend, scale, ctx.stats, ctx.spans
+        )
         receives = [
             (m, k.new_empty((seg.message_numel(plan.rank, batch, head_dim),)), _tag(seg))
             for seg in plan.crossing
@@ -324,10 +369,11 @@ class ContextParallelDilatedAttention(torch.autograd.Function):
         pending = start_exchange(returns, receives, ctx.group)
 
         dq, dk, dv = dilated_backward(
-            dout, q, k, v, out, lse, plan.tasks, backend, causal=ctx.causal, scale=scale
-        )
-        for sel, dq_r in dq_parts:
-            sel.add(dq, dq_r)
+            dout, q, k, v, out, lse, plan.tasks, backend, causal=ctx.causal, scale=scale,
+            documents=ctx.documents,
+        )  # fmt: skip
+        for sel, rows, dq_r in dq_parts:
+            sel.add(dq[rows], dq_r)
 
         grads = iter(pending.wait())
         for seg in plan.crossing:
@@ -337,7 +383,7 @@ class ContextParallelDilatedAttention(torch.autograd.Function):
                     if off.key_value is not None:
                         off.key_value.add(dk, dk_m)
                         off.key_value.add(dv, dv_m)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def context_parallel_dilated_attention(
@@ -350,6 +396,7 @@ def context_parallel_dilated_attention(
     head_offset: int = 0,
     position_offset: int = 0,
     backend: str | AttentionBackend = "auto",
+    documents: Documents | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact dilated attention of a sequence split contiguously over ``cp_group``.
 
@@ -358,9 +405,11 @@ def context_parallel_dilated_attention(
     common to the group); every rank holds the same n. ``head_offset`` is the global index of local
     head 0 (tensor parallelism). Returns this chunk's output ``[B, n, Hq, D]`` and float32 log-sum-exp
     ``[B, n, Hq]``, equal to the single-rank result on the whole sequence; differentiable in q, k, v.
-    Called by :func:`longnet_megatron.attention.dilated_attention` when ``cp_group`` has several ranks.
+    ``documents``: this chunk's document ids (their runs continue across rank boundaries where the
+    ids there are equal). Called by :func:`longnet_megatron.attention.dilated_attention` when
+    ``cp_group`` has several ranks.
     """
-    impl = get_backend(backend, q)
+    impl = get_backend(backend, q, documents=documents is not None)
     plan = _cached_plan(
         config,
         q.shape[1],
@@ -372,4 +421,6 @@ def context_parallel_dilated_attention(
         dist.get_world_size(cp_group),
     )
     scale = config.scale_for(q.shape[-1])
-    return ContextParallelDilatedAttention.apply(q, k, v, plan, impl, cp_group, config.causal, scale)
+    return ContextParallelDilatedAttention.apply(
+        q, k, v, plan, impl, cp_group, config.causal, scale, documents
+    )

@@ -46,6 +46,8 @@ class OffsetExchange:
     expand:    query head j reads distinct kv head ``expand[j]`` (grouped-query attention); None when
                the distinct kv heads already line up one-to-one with the query heads.
     rows:      selected rows each member holds, in member order.
+    firsts:    global position of each member's first selected row (rows follow at ``step``; -1: none).
+    step:      the pattern's dilation rate, the distance between selected rows.
     """
 
     offset: int
@@ -54,6 +56,8 @@ class OffsetExchange:
     kv_heads: int
     expand: tuple[int, ...] | None
     rows: tuple[int, ...]
+    firsts: tuple[int, ...]
+    step: int
 
 
 @dataclass(frozen=True)
@@ -100,11 +104,13 @@ class ContextParallelPlan:
     """Everything one CP rank computes and exchanges for one layer shape.
 
     rank:     this rank's index in the CP group.
+    position_offset: the global position of this rank's first token.
     tasks:    ``plan_tasks`` of the local chunk (all local queries x local keys, every pattern).
     crossing: segments shared with other ranks, in (pattern, segment) order on every rank.
     """
 
     rank: int
+    position_offset: int
     tasks: tuple[AttentionTask, ...]
     crossing: tuple[CrossingSegment, ...]
 
@@ -143,16 +149,17 @@ def _offset_exchange(
 ) -> OffsetExchange:
     """One head offset of a crossing segment whose members hold ``parts`` (global ``[lo, hi)``)."""
     kv_heads, count, expand = kv
-    rows = []
+    rows, firsts = [], []
     for lo, hi in parts:
         block = _part_block(w, r, offset, lo, hi)
         rows.append(0 if block is None else block.length)
+        firsts.append(-1 if block is None else lo + block.start)
     query = key_value = None
     block = _part_block(w, r, offset, *mine)
     if block is not None:
         local = dataclasses.replace(block, start=block.start + mine[0] - chunk_start)
         query, key_value = Selection(local, query_heads), Selection(local, kv_heads)
-    return OffsetExchange(offset, query, key_value, count, expand, tuple(rows))
+    return OffsetExchange(offset, query, key_value, count, expand, tuple(rows), tuple(firsts), r)
 
 
 def plan_context_parallel(
@@ -203,4 +210,4 @@ def plan_context_parallel(
             visible = earlier if config.causal else earlier + later
             readers = later if config.causal else earlier + later
             crossing.append(CrossingSegment(pattern, segment, members, tuple(offsets), visible, readers))
-    return ContextParallelPlan(cp_rank, tuple(tasks), tuple(crossing))
+    return ContextParallelPlan(cp_rank, position_offset, tuple(tasks), tuple(crossing))

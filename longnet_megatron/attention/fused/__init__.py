@@ -3,8 +3,6 @@
 from .launch import (
     FusedDilatedAttention,
     check_inputs,
-    document_bounds,
-    document_ids_from_eod,
     fused_backward,
     fused_forward,
 )
@@ -12,8 +10,6 @@ from .launch import (
 __all__ = [
     "FusedDilatedAttention",
     "check_inputs",
-    "document_bounds",
-    "document_ids_from_eod",
     "fused_backward",
     "fused_forward",
 ]

@@ -219,32 +219,6 @@ def fused_backward(
     return dq, dk, dv
 
 
-def document_bounds(
-    document_ids: torch.Tensor, position_offset: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global ``[start, end)`` of each token's document, ``[B, N]`` int32 each.
-
-    A document is a maximal run of equal ids (packed sequences: ids that change at each document
-    boundary, e.g. from :func:`document_ids_from_eod`).
-    """
-    if document_ids.dim() != 2:
-        raise ValueError(f"document_ids must be [batch, seq], got shape {tuple(document_ids.shape)}")
-    b, n = document_ids.shape
-    pos = torch.arange(n, device=document_ids.device).expand(b, n)
-    change = document_ids[:, 1:] != document_ids[:, :-1]
-    edge = torch.ones(b, 1, dtype=torch.bool, device=document_ids.device)
-    starts = torch.where(torch.cat([edge, change], 1), pos, torch.zeros_like(pos)).cummax(1).values
-    is_end = torch.cat([change, edge], 1)
-    ends = torch.where(is_end, pos + 1, torch.full_like(pos, n)).flip(1).cummin(1).values.flip(1)
-    return (starts + position_offset).to(torch.int32), (ends + position_offset).to(torch.int32)
-
-
-def document_ids_from_eod(tokens: torch.Tensor, eod_token: int) -> torch.Tensor:
-    """Document ids ``[B, N]`` of packed token ids: each end-of-document token closes its document."""
-    is_eod = (tokens == eod_token).to(torch.int32)
-    return torch.cumsum(is_eod, dim=-1) - is_eod
-
-
 class FusedDilatedAttention(torch.autograd.Function):
     """One autograd node running the fused forward and backward kernels; saves q, k, v, O, L."""
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from longnet_megatron.attention import DilatedAttentionConfig, dilated_attention
 from longnet_megatron.attention.backends import ReferenceBackend
 from longnet_megatron.attention.cp import last_comm_stats
+from tests.attention.cases import random_documents
 from tests.attention.oracle import oracle_attention
 
 
@@ -25,7 +26,8 @@ class CPCase:
     """A dilated attention problem split over ``cp`` ranks (and ``tp`` head shards).
 
     ``n`` is the GLOBAL length; ``base`` the global position of token 0; ``head_offset`` the global
-    index of head 0 of the whole (unsplit) head range.
+    index of head 0 of the whole (unsplit) head range; ``documents`` > 0: documents of mean length
+    1 / documents tokens (packed-sequence masking, documents crossing rank boundaries).
     """
 
     name: str
@@ -41,6 +43,11 @@ class CPCase:
     base: int = 0
     oracle: bool = True
     dtype: torch.dtype = torch.float32
+    documents: float = 0.0
+
+    def document_ids(self, seed: int) -> torch.Tensor | None:
+        """The global ``[batch, n]`` document ids of the case (None without documents)."""
+        return random_documents(self.batch, self.n, seed, self.documents) if self.documents else None
 
     @property
     def config(self) -> DilatedAttentionConfig:
@@ -72,7 +79,9 @@ def _tensors(case: CPCase, seed: int) -> tuple[torch.Tensor, ...]:
     return q, k, v, dout
 
 
-def _full_run(case: CPCase, tensors: tuple[torch.Tensor, ...], dtype: torch.dtype) -> list[torch.Tensor]:
+def _full_run(
+    case: CPCase, tensors: tuple[torch.Tensor, ...], dtype: torch.dtype, documents: torch.Tensor | None
+) -> list[torch.Tensor]:
     """Output and dq, dk, dv of the single-rank computation over the whole sequence (or the oracle)."""
     q, k, v, dout = (t.to(dtype).requires_grad_(i < 3) for i, t in enumerate(tensors))
     if dtype == torch.float64:
@@ -85,11 +94,13 @@ def _full_run(case: CPCase, tensors: tuple[torch.Tensor, ...], dtype: torch.dtyp
             case.causal,
             head_offset=case.head_offset,
             position_offset=case.base,
+            document_ids=documents,
         )
     else:
         out = dilated_attention(
-            q, k, v, case.config, head_offset=case.head_offset, position_offset=case.base, backend="reference"
-        )
+            q, k, v, case.config, head_offset=case.head_offset, position_offset=case.base, backend="reference",
+            document_ids=documents,
+        )  # fmt: skip
     return [out.detach(), *torch.autograd.grad(out, (q, k, v), dout)]
 
 
@@ -106,6 +117,7 @@ def check_attention(
         slice(tp_rank * hkv, (tp_rank + 1) * hkv),
     )
     tensors = _tensors(case, seed)
+    documents = case.document_ids(seed)
     q, k, v, dout = (
         t[:, rows, heads].to(case.dtype, copy=True)
         for t, heads in zip(tensors, (q_heads, kv_heads, kv_heads, q_heads))
@@ -120,6 +132,7 @@ def check_attention(
         position_offset=case.base + cp_rank * n,
         backend=SquareOnlyBackend(),
         cp_group=cp_group,
+        document_ids=None if documents is None else documents[:, rows],
     )
     got = [out.detach(), *torch.autograd.grad(out, (q, k, v), dout)]
     stats = last_comm_stats()
@@ -128,7 +141,7 @@ def check_attention(
     if case.oracle:
         references["oracle"] = torch.float64
     for ref_name, dtype in references.items():
-        full = _full_run(case, tensors, dtype)
+        full = _full_run(case, tensors, dtype, documents)
         for name, x, ref, heads in zip(
             ("out", "dq", "dk", "dv"), got, full, (q_heads, q_heads, kv_heads, kv_heads)
         ):
