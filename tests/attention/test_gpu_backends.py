@@ -2,8 +2,11 @@
 
 bf16 and fp16, forward and gradients, relative error under 1e-2, on the named cases (ragged dilated
 segments, partial last segments, GQA, global offsets) with realistic head sizes, plus longer cases
-whose calls are large batches. Also the automatic choice and the clear errors. Setting
-``LONGNET_GPU_RESULTS=path.json`` writes the largest error per backend, dtype and tensor there.
+whose calls are large batches; the same with document masking (the variable-length paths: flash
+``cum_seq`` for sdpa, THD for te, per-row bounds for triton), single variable-length calls against
+the reference, and the split into dense runs plus one variable-length call. Also the automatic
+choice and the clear errors. Setting ``LONGNET_GPU_RESULTS=path.json`` writes the largest error per
+backend, dtype and tensor there.
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ import os
 import pytest
 import torch
 
-from longnet_megatron.attention import UnsupportedInputError, dilated_attention, get_backend
+from longnet_megatron.attention import UnsupportedInputError, dilated_attention, documents, get_backend
 from longnet_megatron.attention.backends.reference import ReferenceBackend
 from longnet_megatron.attention.indexing import plan_tasks
 
-from .cases import NAMED_CASES, Case
+from .cases import NAMED_CASES, Case, random_documents
 from .oracle import oracle_attention
 
 pytestmark = pytest.mark.gpu
@@ -49,9 +52,9 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor, floor: float = 1e-300) -> float:
     return ((x.double().cpu() - ref).norm() / ref.norm().clamp_min(floor * ref.numel() ** 0.5)).item()
 
 
-def _backend_or_skip(name: str, q: torch.Tensor):
+def _backend_or_skip(name: str, q: torch.Tensor, documents: bool = False):
     try:
-        return get_backend(name, q)
+        return get_backend(name, q, documents=documents)
     except ImportError as err:
         pytest.skip(f"{name} not importable here: {err}")
     except UnsupportedInputError as err:
@@ -62,14 +65,35 @@ def _seed(name: str, dtype: str) -> int:
     return sum(map(ord, name + dtype))
 
 
+# Document masking: mean document lengths (tokens) per case, long and short against the segments.
+DOC_CASES = {
+    "paper_ragged_d128": 300.0,
+    "geometric_partial_d128": 40.0,
+    "gqa_noncausal_d64": 90.0,
+    "gqa_offsets": 9.0,
+}
+
+
+def _document_ids(name: str) -> torch.Tensor | None:
+    case = CASES[name]
+    return (
+        random_documents(case.batch, case.n, seed=len(name), rate=1.0 / DOC_CASES[name])
+        if name in DOC_CASES
+        else None
+    )
+
+
 @functools.cache
-def _oracle(name: str, dtype: str) -> tuple[torch.Tensor, ...]:
+def _oracle(name: str, dtype: str, masked: bool = False) -> tuple[torch.Tensor, ...]:
     """Float64 output and gradients on the CPU for the (rounded) inputs of ``name`` in ``dtype``."""
     case = CASES[name]
     q, k, v, dout = (t.double() for t in case.tensors(DTYPES[dtype], seed=_seed(name, dtype)))
     q, k, v = (t.requires_grad_(True) for t in (q, k, v))
     kwargs = {"head_offset": case.head_offset, "position_offset": case.position_offset}
-    ref = oracle_attention(q, k, v, case.segment_lengths, case.dilation_rates, case.causal, **kwargs)
+    ids = _document_ids(name) if masked else None
+    ref = oracle_attention(
+        q, k, v, case.segment_lengths, case.dilation_rates, case.causal, document_ids=ids, **kwargs
+    )
     return (ref.detach(), *torch.autograd.grad(ref, (q, k, v), dout))
 
 
@@ -90,6 +114,62 @@ def test_backend_matches_oracle(backend, name, dtype):
         key = f"{backend}/{dtype}/{tensor}"
         WORST[key] = max(WORST.get(key, 0.0), err)
         assert err < TOLERANCE, f"{tensor}: relative error {err:.3e} for {name}"
+
+
+@pytest.mark.parametrize("split", ["auto", "dense_runs"])
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("name", sorted(DOC_CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_with_documents_matches_oracle(backend, name, dtype, split, monkeypatch):
+    """Document masking through the backend's variable-length path (and, with ``dense_runs``, every
+    whole-document run of segments kept as a dense call)."""
+    if split == "dense_runs":
+        monkeypatch.setattr(documents, "DENSE_RUN_ELEMENTS", 1)
+    case = CASES[name]
+    q, k, v, dout = case.tensors(DTYPES[dtype], seed=_seed(name, dtype), device="cuda")
+    impl = _backend_or_skip(backend, q, documents=True)
+    if split == "dense_runs" and impl.varlen_cost <= 1.0:
+        pytest.skip(f"{backend} runs every call with a boundary variable-length (no dense runs)")
+    q.requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True)
+    kwargs = {"head_offset": case.head_offset, "position_offset": case.position_offset}
+    ids = _document_ids(name).cuda()
+    out = dilated_attention(q, k, v, case.config, backend=impl, document_ids=ids, **kwargs)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    for tensor, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), _oracle(name, dtype, True)):
+        assert torch.isfinite(got).all(), f"{tensor} has non-finite values"
+        err = rel_err(got, want)
+        key = f"{backend}/{dtype}/documents/{tensor}"
+        WORST[key] = max(WORST.get(key, 0.0), err)
+        assert err < TOLERANCE, f"{tensor}: relative error {err:.3e} for {name} with documents"
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_varlen_call(backend, causal):
+    """One variable-length call on strided views (as a dilated selection gives them) vs the reference:
+    one-row sequences, short ones, one longer than a kernel block, the natural-log LSE."""
+    lengths = [1, 7, 300, 1, 1, 64, 900, 2]
+    total, h, d = sum(lengths), 8, 128
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    base = [
+        torch.randn(total * 2, 2 * h, d, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(4)
+    ]
+    q, k, v, dout = (t[::2, ::2] for t in base)  # row and head strides of a dilated selection
+    impl = _backend_or_skip(backend, q[None], documents=True)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    ref = ReferenceBackend()
+    out, lse = impl.forward_varlen(q, k, v, cu, max(lengths), causal=causal, scale=0.1)
+    want_out, want_lse = ref.forward_varlen(*(t.double() for t in (q, k, v)), cu, max(lengths), causal=causal,
+                                            scale=0.1)  # fmt: skip
+    assert out.shape == q.shape and lse.shape == (h, total) and lse.dtype == torch.float32
+    assert rel_err(out, want_out) < TOLERANCE
+    assert (lse.double() - want_lse).abs().max().item() < 2e-2
+    grads = impl.backward_varlen(dout, q, k, v, out, lse, cu, max(lengths), causal=causal, scale=0.1)
+    want = ref.backward_varlen(*(t.double() for t in (dout, q, k, v, out, lse)), cu, max(lengths),
+                               causal=causal, scale=0.1)  # fmt: skip
+    for i, (got, ref_grad) in enumerate(zip(grads, want)):
+        assert got.shape == q.shape
+        assert rel_err(got, ref_grad, floor=1e-3) < TOLERANCE, f"grad {'qkv'[i]}"
 
 
 @pytest.mark.parametrize("name", ["heads_not_multiple_of_r", "paper_ragged_causal", "paper_ragged_noncausal"])
@@ -145,6 +225,9 @@ def test_auto_choice_prefers_fused_kernels():
     q32 = q.float()
     backend = get_backend("auto", q32)
     assert backend.name == "sdpa" and backend.select(q32) == "efficient"
+    # Document masking: sdpa's variable-length path is its flash kernel (half precision only).
+    assert get_backend("auto", q, documents=True).name == "sdpa"
+    assert get_backend("auto", q32, documents=True).name == "reference"
     # The order itself: sdpa, then te where it imports, then the project's triton kernel, then the reference.
     from longnet_megatron.attention.backends import AUTO_ORDER
 

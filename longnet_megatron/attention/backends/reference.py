@@ -29,42 +29,62 @@ def _scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float) -> tor
 
 
 class _Band:
-    """Chunked key windows of a variable-length batch: chunk i's queries and the keys they may see."""
+    """Chunked key windows of a variable-length batch: chunk i's queries and the keys they may see.
+
+    Rows are padded with one empty chunk in front and zeros at the end, so chunk i's window is the
+    padded chunks i .. i + 1 (causal) or i .. i + 2, slices of one tensor.
+    """
 
     def __init__(self, cu_seqlens: torch.Tensor, total: int, max_seqlen: int, causal: bool) -> None:
         self.total = total
-        self.size = size = max(1, min(max_seqlen, total))
-        self.chunks = -(-total // size)
-        width = (2 if causal else 3) * size
-        device = cu_seqlens.device
-        run = run_index(cu_seqlens, total)
-        rows = torch.arange(self.chunks * size, device=device).view(self.chunks, size)
-        keys = rows[:, :1] - size + torch.arange(width, device=device)  # [chunks, width]
-        self.query_rows = rows.clamp(max=total - 1)  # rows past the end repeat the last (dropped)
-        self.key_rows = keys.clamp(0, total - 1)
-        mask = (keys >= 0) & (keys < total)
-        mask = mask[:, None, :] & (run[self.query_rows][:, :, None] == run[self.key_rows][:, None, :])
+        self.size = c = max(1, min(max_seqlen, total))
+        self.chunks = -(-total // c)
+        self.blocks = 2 if causal else 3  # chunks per key window
+        run = torch.full(((self.chunks + 2) * c,), -1, dtype=torch.int64, device=cu_seqlens.device)
+        run[c : c + total] = run_index(cu_seqlens, total)  # padding rows see only padding rows
+        pos = torch.arange(run.numel(), device=run.device)
+        every = slice(0, self.chunks)
+        k_run, k_pos = self.window(run, every), self.window(pos, every)
+        mask = self.queries(run)[:, :, None] == k_run[:, None, :]
         if causal:
-            mask &= keys[:, None, :] <= rows[:, :, None]
-        self.mask = mask  # [chunks, size, width]: query sees key
+            mask &= k_pos[:, None, :] <= self.queries(pos)[:, :, None]
+        self.mask = mask  # [chunks, size, window]: query sees key
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[total, ...]`` in padded rows ``[(chunks + 2) * size, ...]``."""
+        out = x.new_zeros(((self.chunks + 2) * self.size, *x.shape[1:]))
+        out[self.size : self.size + self.total] = x
+        return out
+
+    def queries(self, xp: torch.Tensor, c: slice = slice(None)) -> torch.Tensor:
+        """Padded rows of the queries of chunks ``c``, ``[g, size, ...]``."""
+        start, stop, _ = c.indices(self.chunks)
+        return xp[(start + 1) * self.size : (stop + 1) * self.size].unflatten(0, (stop - start, self.size))
+
+    def window(self, xp: torch.Tensor, c: slice) -> torch.Tensor:
+        """Padded rows of the key windows of chunks ``c``, ``[g, blocks * size, ...]``."""
+        start, stop, _ = c.indices(self.chunks)
+        parts = [xp[(start + j) * self.size : (stop + j) * self.size] for j in range(self.blocks)]
+        return torch.cat([p.unflatten(0, (stop - start, self.size)) for p in parts], dim=1)
+
+    def add_window(self, dst: torch.Tensor, value: torch.Tensor, c: slice) -> None:
+        """Add key-window values ``[g, blocks * size, ...]`` of chunks ``c`` into padded rows ``dst``."""
+        start, stop, _ = c.indices(self.chunks)
+        for j in range(self.blocks):
+            part = value[:, j * self.size : (j + 1) * self.size]
+            dst[(start + j) * self.size : (stop + j) * self.size] += part.reshape(-1, *value.shape[2:])
+
+    def unpad(self, xp: torch.Tensor) -> torch.Tensor:
+        return xp[self.size : self.size + self.total]
 
     def groups(self, heads: int, max_scores: int) -> list[slice]:
-        step = max(1, max_scores // max(1, self.size * self.key_rows.shape[1] * heads))
-        return [slice(i, i + step) for i in range(0, self.chunks, step)]
+        step = max(1, max_scores // max(1, self.size * self.blocks * self.size * heads))
+        return [slice(i, min(i + step, self.chunks)) for i in range(0, self.chunks, step)]
 
-    def scores(self, q: torch.Tensor, k: torch.Tensor, c: slice, scale: float) -> torch.Tensor:
-        """``[g, heads, size, width]`` masked scores of chunk group ``c``."""
-        s = torch.einsum("gahd,gjhd->ghaj", q[self.query_rows[c]], k[self.key_rows[c]]) * scale
+    def scores(self, qp: torch.Tensor, kp: torch.Tensor, c: slice, scale: float) -> torch.Tensor:
+        """``[g, heads, size, window]`` masked scores of chunks ``c`` (padded q and k)."""
+        s = torch.einsum("gahd,gjhd->ghaj", self.queries(qp, c), self.window(kp, c)) * scale
         return s.masked_fill(~self.mask[c][:, None], float("-inf"))
-
-    def scatter(self, dst: torch.Tensor, value: torch.Tensor, c: slice, rows: torch.Tensor) -> None:
-        """Add ``value`` ``[g, n, heads, dim]`` into the rows ``rows[c]`` of ``dst`` (duplicates summed)."""
-        dst.index_add_(0, rows[c].reshape(-1), value.reshape(-1, *value.shape[2:]).to(dst.dtype))
-
-    def valid(self, c: slice) -> torch.Tensor:
-        """Which query slots of chunk group ``c`` are real rows (not the repeated last row)."""
-        rows = torch.arange(self.chunks * self.size, device=self.mask.device).view(self.chunks, self.size)
-        return rows[c] < self.total
 
 
 class ReferenceBackend:
@@ -141,21 +161,18 @@ class ReferenceBackend:
         causal: bool,
         scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        ct, dtype = _compute_dtype(q.dtype), q.dtype
-        total, h, _ = q.shape
-        band = _Band(cu_seqlens, total, max_seqlen, causal)
-        q, k, v = q.to(ct), k.to(ct), v.to(ct)
-        out = torch.zeros(q.shape, dtype=ct, device=q.device)
-        lse = torch.zeros(total, h, dtype=ct, device=q.device)
-        for c in band.groups(h, self.max_scores):
-            s = band.scores(q, k, c, scale)
+        ct = _compute_dtype(q.dtype)
+        band = _Band(cu_seqlens, q.shape[0], max_seqlen, causal)
+        qp, kp, vp = (band.pad(t.to(ct)) for t in (q, k, v))
+        out = torch.zeros_like(qp)
+        lse = torch.zeros(qp.shape[:2], dtype=ct, device=q.device)
+        for c in band.groups(q.shape[1], self.max_scores):
+            s = band.scores(qp, kp, c, scale)
             lse_c = torch.logsumexp(s, dim=-1)  # [g, h, size]
             p = torch.exp(s - lse_c[..., None])
-            o = torch.einsum("ghaj,gjhd->gahd", p, v[band.key_rows[c]])
-            keep = band.valid(c)[..., None]
-            band.scatter(out, o * keep[..., None], c, band.query_rows)
-            band.scatter(lse, lse_c.transpose(1, 2) * keep, c, band.query_rows)
-        return out.to(dtype), lse.t().contiguous()
+            band.queries(out, c).copy_(torch.einsum("ghaj,gjhd->gahd", p, band.window(vp, c)))
+            band.queries(lse, c).copy_(lse_c.transpose(1, 2))
+        return band.unpad(out).to(q.dtype), band.unpad(lse).t().contiguous()
 
     def backward_varlen(
         self,
@@ -172,23 +189,18 @@ class ReferenceBackend:
         scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ct = _compute_dtype(q.dtype)
-        total, h, _ = q.shape
-        band = _Band(cu_seqlens, total, max_seqlen, causal)
-        qc, kc, vc, doc, oc = (t.to(ct) for t in (q, k, v, dout, out))
-        lse_rows = lse.to(ct).t()  # [total, h]
-        delta = (doc * oc).sum(-1)  # [total, h]
-        dq, dk, dv = (torch.zeros(t.shape, dtype=ct, device=q.device) for t in (q, k, v))
-        for c in band.groups(h, self.max_scores):
-            rows = band.query_rows[c]
-            keep = band.valid(c)  # [g, size]
-            s = band.scores(qc, kc, c, scale)
-            p = torch.exp(s - lse_rows[rows].transpose(1, 2)[..., None]) * keep[:, None, :, None]
-            do_c = doc[rows]
-            band.scatter(dv, torch.einsum("ghaj,gahd->gjhd", p, do_c), c, band.key_rows)
-            dp = torch.einsum("gahd,gjhd->ghaj", do_c, vc[band.key_rows[c]])
-            ds = p * (dp - delta[rows].transpose(1, 2)[..., None])
-            band.scatter(
-                dq, torch.einsum("ghaj,gjhd->gahd", ds, kc[band.key_rows[c]]) * scale, c, band.query_rows
-            )
-            band.scatter(dk, torch.einsum("ghaj,gahd->gjhd", ds, qc[rows]) * scale, c, band.key_rows)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        band = _Band(cu_seqlens, q.shape[0], max_seqlen, causal)
+        qp, kp, vp, dop, op = (band.pad(t.to(ct)) for t in (q, k, v, dout, out))
+        lsep = band.pad(lse.to(ct).t())  # [rows, h]; padding rows' 0 keeps exp finite
+        deltap = (dop * op).sum(-1)
+        dq, dk, dv = (torch.zeros_like(t) for t in (qp, kp, vp))
+        for c in band.groups(q.shape[1], self.max_scores):
+            s = band.scores(qp, kp, c, scale)
+            p = torch.exp(s - band.queries(lsep, c).transpose(1, 2)[..., None])
+            do_c = band.queries(dop, c)
+            band.add_window(dv, torch.einsum("ghaj,gahd->gjhd", p, do_c), c)
+            dp = torch.einsum("gahd,gjhd->ghaj", do_c, band.window(vp, c))
+            ds = p * (dp - band.queries(deltap, c).transpose(1, 2)[..., None])
+            band.queries(dq, c).copy_(torch.einsum("ghaj,gjhd->gahd", ds, band.window(kp, c)) * scale)
+            band.add_window(dk, torch.einsum("ghaj,gahd->gjhd", ds, band.queries(qp, c)) * scale, c)
+        return tuple(band.unpad(g).to(t.dtype) for g, t in ((dq, q), (dk, k), (dv, v)))

@@ -8,6 +8,7 @@ ranks that import Megatron costs seconds, so the tests batch everything per worl
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -249,6 +250,24 @@ CP2_CASES = [
     CPCase("paper_rates", 96, 12, 12, (4, 8, 16, 32, 64), (1, 2, 4, 6, 12), True, oracle=False),
     CPCase("bf16_large_patterns", 64, 4, 4, (8, 32, 64), (1, 2, 4), True, oracle=False, dtype=torch.bfloat16),
 ]
+# Document masking: documents of mean length 1 / documents tokens, crossing segment and rank boundaries.
+CP2_CASES += [
+    CPCase("docs_large_causal", 64, 4, 4, (8, 32, 64, 128), (1, 2, 4, 8), True, documents=0.05),
+    CPCase(
+        "docs_ragged_noncausal",
+        70,
+        6,
+        2,
+        (5, 12, 30, 50),
+        (1, 3, 7, 6),
+        False,
+        batch=2,
+        head_offset=6,
+        base=9,
+        documents=0.15,
+    ),  # fmt: skip
+    CPCase("docs_one_token", 64, 4, 2, (8, 48, 100), (1, 4, 8), True, documents=0.6),
+]
 CP4_CASES = [
     CPCase("small_patterns_local", 128, 4, 4, (8, 16, 32), (1, 2, 4), True),
     CPCase("large_patterns_causal", 128, 4, 4, (8, 32, 64, 128), (1, 2, 4, 8), True),
@@ -283,11 +302,38 @@ def random_cp_case(seed: int, cp: int) -> CPCase:
 
 
 CP4_CASES += [random_cp_case(seed, 4) for seed in range(8)]
+# Documents from one token to longer than a rank's chunk (a document spanning three ranks).
+CP4_CASES += [
+    dataclasses.replace(random_cp_case(seed, 4), name=f"docs_random_{seed}", documents=rate)
+    for seed, rate in zip(range(8, 14), (0.6, 0.2, 0.08, 0.03, 0.01, 0.005))
+]
+CP4_CASES += [
+    CPCase(
+        "docs_across_ranks",
+        128,
+        4,
+        2,
+        (8, 32, 128, 256),
+        (1, 2, 4, 8),
+        causal,
+        batch=2,
+        documents=0.01,
+        head_offset=2,
+    )  # fmt: skip
+    for causal in (True, False)
+]
+# CP = 3 (a group of three of the four ranks).
+CP3_CASES = [
+    dataclasses.replace(random_cp_case(seed, 3), name=f"cp3_random_{seed}", documents=rate)
+    for seed, rate in zip(range(20, 26), (0.0, 0.5, 0.1, 0.03, 0.01, 0.0))
+]
 
 # TP=2 x CP=2: heads split over TP ranks, so the CP ranks see head_offset = tp_rank * heads / 2.
 TP2_CP2_CASES = [
     CPCase("tp2_large_causal", 64, 8, 8, (8, 32, 64), (1, 2, 4), True),
     CPCase("tp2_ragged_gqa_noncausal", 70, 8, 4, (5, 30, 70), (1, 3, 6), False),
+    CPCase("tp2_docs_gqa_causal", 64, 8, 4, (8, 32, 64), (1, 2, 4), True, documents=0.05),
+    CPCase("tp2_docs_noncausal", 70, 8, 8, (5, 30, 70), (1, 3, 6), False, documents=0.1),
 ]
 # Bytes per pattern when N doubles and every crossing pattern's (w, r) doubles (w/r fixed).
 BYTES_CASES = [
@@ -296,18 +342,27 @@ BYTES_CASES = [
 ]
 
 
+def cp3_checks(cases: list[CPCase]) -> list[dict]:
+    """The cases over a CP group of ranks 0, 1, 2 (every rank takes part in creating it)."""
+    group = dist.new_group([0, 1, 2])
+    if dist.get_rank() not in (0, 1, 2):
+        return []
+    return [check_attention(case, group, seed=i) for i, case in enumerate(cases)]
+
+
 def run_all() -> dict:
     """Everything the tests check, on 4 ranks in one process group (spawning ranks is the slow part).
 
     Started with Megatron's layout cp=4 (which also turns on the CPU shim). CP = 4 runs over the whole
-    world, CP = 2 as Megatron's layout cp=2 (two data-parallel replicas of a CP pair), TP = 2 x CP = 2
-    as Megatron's layout tp=2, cp=2.
+    world, CP = 3 over ranks 0-2, CP = 2 as Megatron's layout cp=2 (two data-parallel replicas of a CP
+    pair), TP = 2 x CP = 2 as Megatron's layout tp=2, cp=2.
     """
     from longnet_megatron.testing import ParallelLayout
 
     cp2 = ParallelLayout(cp=2)
     return {
         "cp4": attention_checks(CP4_CASES),
+        "cp3": cp3_checks(CP3_CASES),
         "bytes_cp4": attention_checks(BYTES_CASES),
         "cp2": attention_checks(CP2_CASES, cp2),
         "bytes_cp2": attention_checks(BYTES_CASES, cp2),

@@ -2,8 +2,9 @@
 
 One process group of 4 ranks (a module fixture) runs every case of ``checks.py``; the tests below
 assert on its results: outputs and dq, dk, dv within float32 tolerance for patterns smaller and larger
-than the chunk, causal and not, ragged segments, GQA, TP=2 x CP=2; the bytes a rank sends; and the
-LongNet GPTModel's logits, loss and gradients under CP against CP=1.
+than the chunk, causal and not, ragged segments, GQA, TP=2 x CP=2, CP=3, document masking with
+documents crossing rank boundaries; the bytes a rank sends; and the LongNet GPTModel's logits, loss
+and gradients under CP against CP=1.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pytest
 
 from longnet_megatron.testing import ParallelLayout, run_distributed
 
-from .checks import BYTES_CASES, CP2_CASES, CP4_CASES, TP2_CP2_CASES, run_all
+from .checks import BYTES_CASES, CP2_CASES, CP3_CASES, CP4_CASES, TP2_CP2_CASES, run_all
 
 TOLERANCE = 1e-5  # relative, float32
 BF16_TOLERANCE = 2e-2  # bf16 inputs and outputs vs the float32 single-rank run
@@ -48,6 +49,11 @@ def test_cp2_matches_single_rank_and_oracle(ranks, name):
 @pytest.mark.parametrize("name", [c.name for c in CP4_CASES])
 def test_cp4_matches_single_rank_and_oracle(ranks, name):
     _assert_close(ranks, "cp4", name)
+
+
+@pytest.mark.parametrize("name", [c.name for c in CP3_CASES])
+def test_cp3_matches_single_rank_and_oracle(ranks, name):
+    _assert_close(ranks, "cp3", name)
 
 
 @pytest.mark.parametrize("name", [c.name for c in TP2_CP2_CASES])
