@@ -12,6 +12,9 @@ to know where its heads and tokens sit globally:
 * position offset: under context parallelism each rank holds the contiguous chunk
   ``[cp_rank * s, (cp_rank + 1) * s)`` of the sequence, and the CP group is passed on so that
   patterns longer than a chunk run LongNet's distributed algorithm.
+
+Document masking arrives as Megatron's ``packed_seq_params``: a
+:class:`~longnet_megatron.model.documents.DocumentMask` carrying the batch's documents.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from megatron.core.utils import divide
 
 from longnet_megatron.attention import dilated_attention
 from longnet_megatron.model.config import LongNetConfig
+from longnet_megatron.model.documents import DocumentMask
 
 _CAUSALITY = {AttnMaskType.causal: True, AttnMaskType.no_mask: False}
 
@@ -104,12 +108,17 @@ class DilatedCoreAttention(MegatronModule):
         """q ``[s, b, hq, d]``, k and v ``[s, b, hkv, d]`` -> ``[s, b, hq * d]``.
 
         ``attention_mask`` is ignored: causality comes from the mask type, which is how Megatron's
-        causal GPT passes it (the mask tensor then only restates the causal triangle).
+        causal GPT passes it (the mask tensor then only restates the causal triangle). A
+        :class:`DocumentMask` as ``packed_seq_params`` masks attention across its documents.
         """
         if attention_bias is not None:
             raise NotImplementedError("attention_bias is not supported by dilated attention")
-        if packed_seq_params is not None:
-            raise NotImplementedError("packed sequences (THD) are not supported by dilated attention")
+        if packed_seq_params is not None and not isinstance(packed_seq_params, DocumentMask):
+            raise NotImplementedError(
+                "packed sequences (THD) are not supported by dilated attention; pass documents as a "
+                "longnet_megatron.model.documents.DocumentMask"
+            )
+        documents = packed_seq_params.documents if packed_seq_params is not None else None
         if attn_mask_type is not None and attn_mask_type != self.attn_mask_type:
             raise ValueError(
                 f"attn_mask_type={attn_mask_type} differs from the layer's {self.attn_mask_type}"
@@ -127,6 +136,7 @@ class DilatedCoreAttention(MegatronModule):
             position_offset=position_offset,
             backend=self.backend,
             cp_group=cp_group,
+            document_ids=documents,
         )
         # [b, s, h, d] -> [s, b, h * d]
         return out.transpose(0, 1).reshape(seq_local, out.shape[0], -1)

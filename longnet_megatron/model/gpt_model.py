@@ -3,8 +3,11 @@
 With ``config.loss_chunk_tokens`` set (and labels given, outside inference) the last stage computes the
 per-token loss with :func:`chunked_linear_cross_entropy` from the decoder's hidden states and the output
 layer's (or the tied embedding's) weight, instead of ``output_layer`` + ``compute_language_model_loss``:
-same loss ``[b, s]``, same gradients, no ``[s, b, V]`` tensor. Everything else, parameters and state-dict
-keys included, is GPTModel's own; without the setting the model is GPTModel exactly.
+same loss ``[b, s]``, same gradients, no ``[s, b, V]`` tensor. With a
+:class:`~longnet_megatron.model.documents.DocumentMask` holding ``rope_position_ids`` as
+``packed_seq_params`` (``reset_position_ids``), RoPE rotates each token by that position. Everything
+else, parameters and state-dict keys included, is GPTModel's own; without these the model is GPTModel
+exactly.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 from megatron.core.models.gpt import GPTModel
 
 from longnet_megatron.model.chunked_loss import chunked_linear_cross_entropy
+from longnet_megatron.model.documents import DocumentMask
 
 
 class LongNetGPTModel(GPTModel):
@@ -34,6 +38,17 @@ class LongNetGPTModel(GPTModel):
     def loss_chunk_tokens(self) -> int | None:
         """Tokens per chunk of the output layer + loss in training (None or 0: Megatron's plain path)."""
         return getattr(self.config, "loss_chunk_tokens", None)
+
+    def _preprocess(self, *args: Any, **kwargs: Any) -> tuple:
+        """GPTModel's, with RoPE angles at ``packed_seq_params.rope_position_ids`` when a DocumentMask has them."""
+        output = super()._preprocess(*args, **kwargs)
+        params = kwargs.get("packed_seq_params")
+        if not isinstance(params, DocumentMask) or params.rope_position_ids is None or output[1] is None:
+            return output
+        if self.config.apply_rope_fusion:
+            raise ValueError("per-document RoPE positions (reset_position_ids) need apply_rope_fusion=False")
+        angles = self.rotary_pos_emb.at_positions(params.rope_position_ids, params.max_seqlen_q)
+        return (output[0], angles, *output[2:])
 
     def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs) -> torch.Tensor:
         chunked = (

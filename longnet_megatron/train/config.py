@@ -74,6 +74,11 @@ class DataConfig:
     synthetic: bool = False  # random tokens instead of data: for throughput runs only
     cache_dir: str | None = None  # GPTDataset index cache; None: next to each dataset
     num_workers: int = 0  # DataLoader worker processes per rank
+    # Document masking (docs/design.md section 7): a token attends only tokens of its own document
+    # (documents end with the end-of-document token); off is the LongNet paper's setting.
+    document_masking: bool = False
+    reset_position_ids: bool = False  # RoPE positions restart at 0 after each end-of-document token
+    synthetic_document_length: int = 0  # synthetic data: mean document length (tokens); 0: no documents
 
 
 @dataclass
@@ -339,6 +344,22 @@ class JobConfig:
 
     def _validate_data(self) -> None:
         d = self.data
+        # Document masking and per-document positions need documents: end-of-document tokens.
+        if d.synthetic_document_length < 0:
+            raise ConfigError(f"data.synthetic_document_length={d.synthetic_document_length} must be >= 0")
+        wants = [k for k in ("data.document_masking", "data.reset_position_ids") if self.get(k)]
+        if wants and d.synthetic and not d.synthetic_document_length:
+            raise ConfigError(
+                f"{wants[0]}=true needs documents, and data.synthetic=true gives one stream of random "
+                "tokens: set data.synthetic_document_length (mean tokens per document) or train on packed data"
+            )
+        for i, prefix in enumerate([] if d.synthetic or not wants else d.prefixes):
+            meta = prefix + "_train.meta.json"
+            if os.path.exists(meta) and _read_json(meta).get("eod_id") is None:
+                raise ConfigError(
+                    f"{wants[0]}=true needs end-of-document tokens, and data.prefixes[{i}]={prefix!r} has none "
+                    f"({meta} names no eod_id): pack it with `longnet-prep pack`"
+                )
         if d.synthetic:
             return
         if not d.prefixes:

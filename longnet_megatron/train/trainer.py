@@ -257,7 +257,8 @@ class Trainer:
     def _forward_step(self, data_iterator, model):
         batch = data_lib.split_for_context_parallel(next(data_iterator), self.cp_rank, self.cp_size)
         batch = data_lib.to_device(batch, self.device)
-        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                       packed_seq_params=data_lib.packed_seq_params(batch, self.job.data, self.seq_length))  # fmt: skip
         return output, partial(_loss_func, batch["loss_mask"])
 
     def _forward_backward(self, iterators: list, forward_only: bool) -> tuple[float, float]:

@@ -18,7 +18,9 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import MegatronModule
 
 from longnet_megatron.attention import DilatedAttentionConfig
+from longnet_megatron.attention.documents import document_bounds
 from longnet_megatron.model import build_longnet_gpt, get_preset
+from longnet_megatron.model.documents import document_mask
 from longnet_megatron.model.rope import ContiguousCPRotaryEmbedding
 from longnet_megatron.model.state_dict import (
     globalize_layer_names,
@@ -163,7 +165,52 @@ def single_rank_checks() -> dict:
     out["softmax_scale"]["default"] = default.dilated_config.softmax_scale
     out["rotary"] = rotary_slices()
     out["shim"] = cpu_shim_checks()
+    out["documents"] = document_checks()
     return out
+
+
+def document_checks() -> dict:
+    """Document masking and per-document RoPE positions through the whole GPTModel.
+
+    Logits with the earlier documents' tokens changed (masking on and off), with positions restarting
+    at each document (masking on and off), and the RoPE angles a restarted position gets.
+    """
+    torch.manual_seed(5)
+    model = build_longnet_gpt(get_preset("tiny")).eval()
+    tokens, _ = make_batch(seed=9)
+    ids = torch.zeros_like(tokens)
+    ids[0, 70:], ids[0, 130:], ids[1, 20:], ids[1, 150:] = 1, 2, 1, 2  # documents cross segments
+    starts = ((0, 70), (1, 20))  # (sequence, first token of its second document)
+    changed = tokens.clone()
+    for b, start in starts:
+        changed[b, :start] = (changed[b, :start] + 1) % 256
+    reset = positions(tokens) - document_bounds(ids)[0]
+
+    def logits(t: torch.Tensor, masked: bool, rope: torch.Tensor | None = None) -> torch.Tensor:
+        params = None if not masked and rope is None else document_mask(SEQ, ids if masked else None, rope)
+        with torch.no_grad():
+            return model(t, positions(t), None, packed_seq_params=params)
+
+    masked, unmasked = logits(tokens, True), logits(tokens, False)
+
+    def later(x: torch.Tensor, y: torch.Tensor) -> float:  # largest change past the first documents
+        return max((x[b, start:] - y[b, start:]).abs().max().item() for b, start in starts)
+
+    angles = model._preprocess(
+        input_ids=tokens, position_ids=positions(tokens), packed_seq_params=document_mask(SEQ, None, reset)
+    )[1]  # [s, b, 1, dim]
+    plain = model.rotary_pos_emb(SEQ)  # [s, 1, 1, dim]: the angles of positions 0 .. s-1
+    return {
+        "masked_change": later(masked, logits(changed, True)),
+        "unmasked_change": later(unmasked, logits(changed, False)),
+        "masked_vs_unmasked": (masked - unmasked).abs().max().item(),
+        "reset_masked_vs_masked": (logits(tokens, True, reset) - masked).abs().max().item(),
+        "reset_unmasked_vs_unmasked": (logits(tokens, False, reset) - unmasked).abs().max().item(),
+        "angle_errors": [
+            (angles[start + j, b] - plain[j, 0]).abs().max().item() for b, start in starts for j in (0, 5)
+        ],
+        "angles_shape": tuple(angles.shape),
+    }
 
 
 def cpu_shim_checks() -> dict:

@@ -1,4 +1,5 @@
-"""Single-rank checks: dense equivalence, per-layer patterns, softmax scale, contiguous RoPE, CPU shim."""
+"""Single-rank checks: dense equivalence, per-layer patterns, softmax scale, contiguous RoPE, CPU shim,
+document masking and per-document RoPE positions."""
 
 from __future__ import annotations
 
@@ -68,3 +69,22 @@ def test_cpu_shim_rng_tracker_forks_the_cpu_generator(single_rank):
     assert shim["tracker"] == "CpuRNGStatesTracker"
     assert shim["fork_differs"], "inside fork() draws must come from the model-parallel state"
     assert shim["default_restored"], "after fork() the default generator continues where it was"
+
+
+def test_document_masking_isolates_documents(single_rank):
+    """With masking, changing earlier documents' tokens leaves later documents' logits exactly as they
+    were; without it, they change."""
+    docs = single_rank["documents"]
+    assert docs["masked_change"] == 0.0
+    assert docs["unmasked_change"] > 1e-3
+    assert docs["masked_vs_unmasked"] > 1e-3
+
+
+def test_reset_position_ids_restart_rope_at_each_document(single_rank):
+    """A document's first token gets position 0's angles; within documents only relative positions
+    matter to attention, so with masking the logits stay, without it they change."""
+    docs = single_rank["documents"]
+    assert docs["angles_shape"] == (192, 2, 1, 16)
+    assert max(docs["angle_errors"]) < 1e-6
+    assert docs["reset_masked_vs_masked"] < 1e-5
+    assert docs["reset_unmasked_vs_unmasked"] > 1e-3

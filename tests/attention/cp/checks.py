@@ -168,7 +168,7 @@ def attention_checks(cases: list[CPCase], layout=None) -> list[dict]:
     return [check_attention(case, group, tp_rank, tp_size, seed=i) for i, case in enumerate(cases)]
 
 
-def _model_step(model, batch: dict, cp_group: dist.ProcessGroup | None) -> dict:
+def _model_step(model, batch: dict, cp_group: dist.ProcessGroup | None, seq_length: int = 0) -> dict:
     """Logits, the token-averaged loss and parameter gradients, averaged over CP as Megatron does.
 
     Each CP rank sums the loss of its own tokens and divides by the token count of the whole
@@ -177,8 +177,13 @@ def _model_step(model, batch: dict, cp_group: dist.ProcessGroup | None) -> dict:
     """
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
+    from longnet_megatron.model.documents import document_mask
+
     model.zero_grad(set_to_none=True)
-    logits = model(batch["tokens"], batch["position_ids"], None)  # [b, s, vocab / tp]
+    params = document_mask(seq_length, batch["document_ids"]) if "document_ids" in batch else None
+    logits = model(
+        batch["tokens"], batch["position_ids"], None, packed_seq_params=params
+    )  # [b, s, vocab / tp]
     losses = vocab_parallel_cross_entropy(
         logits.transpose(0, 1).float().contiguous(), batch["labels"].transpose(0, 1).contiguous()
     )
@@ -197,8 +202,9 @@ def _model_step(model, batch: dict, cp_group: dist.ProcessGroup | None) -> dict:
     return {"logits": logits.detach(), "loss": total, "grads": grads}
 
 
-def check_model(tp: int, cp: int, seq_length: int = 256, batch_size: int = 2) -> dict:
-    """The tiny LongNet GPTModel under TP=tp x CP=cp vs TP=tp x CP=1 on the same weights and tokens."""
+def check_model(tp: int, cp: int, seq_length: int = 256, batch_size: int = 2, documents: float = 0.0) -> dict:
+    """The tiny LongNet GPTModel under TP=tp x CP=cp vs TP=tp x CP=1 on the same weights and tokens
+    (with document masking for ``documents`` > 0, documents of mean length 1 / documents)."""
     from megatron.core import parallel_state
 
     from longnet_megatron.model import build_longnet_gpt, get_preset
@@ -214,18 +220,20 @@ def check_model(tp: int, cp: int, seq_length: int = 256, batch_size: int = 2) ->
         "loss_mask": (torch.rand(batch_size, seq_length, generator=gen) > 0.1).float(),
         "position_ids": torch.arange(seq_length).expand(batch_size, -1),
     }
+    if documents:
+        batch["document_ids"] = random_documents(batch_size, seq_length, seed=7, rate=documents)
 
     initialize_megatron_parallel(ParallelLayout(tp=tp))
     model = build_longnet_gpt(preset, attention_backend_name="reference", use_te=False)
     weights = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()}
-    ref = _model_step(model, batch, None)
+    ref = _model_step(model, batch, None, seq_length)
 
     initialize_megatron_parallel(ParallelLayout(tp=tp, cp=cp))
     model = build_longnet_gpt(preset, attention_backend_name="reference", use_te=False)
     model.load_state_dict(weights)
     cp_group = parallel_state.get_context_parallel_group()
     cp_rank = parallel_state.get_context_parallel_rank()
-    got = _model_step(model, split_batch_for_this_cp_rank(batch), cp_group)
+    got = _model_step(model, split_batch_for_this_cp_rank(batch), cp_group, seq_length)
 
     n = seq_length // cp
     return {
@@ -369,4 +377,6 @@ def run_all() -> dict:
         "tp2_cp2": attention_checks(TP2_CP2_CASES, ParallelLayout(tp=2, cp=2)),
         "model_cp2": check_model(tp=1, cp=2),
         "model_tp2_cp2": check_model(tp=2, cp=2),
+        "model_cp2_documents": check_model(tp=1, cp=2, documents=0.02),
+        "model_tp2_cp2_documents": check_model(tp=2, cp=2, documents=0.02),
     }

@@ -96,7 +96,9 @@ def test_patterns_within_the_chunk_communicate_nothing(ranks, key):
         assert not result["forward_bytes"] and not result["backward_bytes"]
 
 
-@pytest.mark.parametrize("key", ["model_cp2", "model_tp2_cp2"])
+@pytest.mark.parametrize(
+    "key", ["model_cp2", "model_tp2_cp2", "model_cp2_documents", "model_tp2_cp2_documents"]
+)
 def test_longnet_gpt_under_cp_matches_cp1(ranks, key):
     """Same weights and tokens: logits, CP-averaged loss and every parameter gradient as without CP."""
     for rank in ranks:
@@ -105,3 +107,6 @@ def test_longnet_gpt_under_cp_matches_cp1(ranks, key):
         assert model["loss"] < TOLERANCE * model["loss_value"], model
         assert model["grads"] < TOLERANCE, model
     assert any(rank[key]["forward_bytes"] for rank in ranks), "the model's largest pattern must cross ranks"
+    if key.endswith("_documents"):  # the masking takes effect: not the unmasked model's loss
+        unmasked = ranks[0][key.removesuffix("_documents")]["loss_value"]
+        assert abs(ranks[0][key]["loss_value"] - unmasked) > 1e-4
