@@ -167,3 +167,47 @@ def test_cli_rejects_a_bad_config_before_starting(packed_prefix):
         timeout=120,
     )
     assert ok.returncode == 0 and "configuration OK" in ok.stdout
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["data.synthetic=true", "data.document_masking=true"],
+            "data.document_masking=true needs documents, and data.synthetic=true gives one stream",
+        ),
+        (
+            ["data.synthetic=true", "data.reset_position_ids=true"],
+            "data.reset_position_ids=true needs documents",
+        ),
+        (["data.synthetic=true", "data.synthetic_document_length=-4"], "data.synthetic_document_length=-4"),
+    ],
+)
+def test_document_masking_needs_documents(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, overrides).validate(world_size=1)
+    assert message in str(err.value)
+
+
+def test_document_masking_needs_end_of_document_tokens(packed_prefix, tmp_path):
+    """Packed data whose split names no end-of-document token is refused before any work."""
+    import json
+    import shutil
+
+    prefix = str(tmp_path / "packed")
+    for path in [packed_prefix + ".pack.json", packed_prefix + "_train.meta.json"]:
+        shutil.copy(path, path.replace(packed_prefix, prefix))
+    meta = prefix + "_train.meta.json"
+    with open(meta) as f:
+        content = json.load(f)
+    content.pop("eod_id")
+    with open(meta, "w") as f:
+        json.dump(content, f)
+    with pytest.raises(
+        ConfigError, match=r"data.document_masking=true needs end-of-document tokens, and data.prefixes\[0\]"
+    ):
+        job(prefix, "data.document_masking=true").validate(world_size=1)
+    job(packed_prefix, "data.document_masking=true", "data.reset_position_ids=true").validate(world_size=1)
+    load_config(
+        TINY, ["data.synthetic=true", "data.document_masking=true", "data.synthetic_document_length=40"]
+    ).validate(world_size=1)

@@ -115,3 +115,32 @@ def blend_worker(prefix: str, cache_dir: str) -> dict:
     job.validate(world_size=1)
     train, valid = data_lib.build_datasets(job, 128, 257, num_train_samples=40, num_valid_samples=4)
     return {"train_len": len(train), "valid": valid is not None, "sample": train[0]}
+
+
+def documents_worker(prefix: str, cache_dir: str) -> dict:
+    """Masked samples of a packed dataset vs its boundaries sidecar (GPTDataset needs a process group)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from data_prep.megatron_config import packed_sequence_index
+    from data_prep.pack import boundaries_prefix, split_prefix
+    from longnet_megatron.train import data as data_lib
+
+    job = load_config(
+        TINY,
+        [f"data.prefixes=[{prefix}]", f"data.cache_dir={cache_dir}", "data.document_masking=true",
+         "data.reset_position_ids=true"],
+    )  # fmt: skip
+    job.validate(world_size=1)
+    train, _ = data_lib.build_datasets(job, 128, 257, num_train_samples=40, num_valid_samples=4)
+    bounds = IndexedDataset(boundaries_prefix(split_prefix(prefix, "train")))
+    mismatch, boundaries = [], 0
+    for i in range(len(train)):
+        sample = train[i]
+        starts = [s for s in bounds[packed_sequence_index(train.dataset, i)].tolist() if s < 128]
+        ids = sample["document_ids"]
+        from_ids = [0] + ((ids[1:] != ids[:-1]).nonzero().squeeze(1) + 1).tolist()
+        restarts = [0] + ((sample["position_ids"][1:] == 0).nonzero().squeeze(1) + 1).tolist()
+        boundaries += len(from_ids) - 1
+        if not (from_ids == starts == restarts):
+            mismatch.append((i, from_ids, starts, restarts))
+    return {"checked": len(train), "mismatch": mismatch, "boundaries": boundaries}
