@@ -11,11 +11,18 @@ shared/gpu/README.md).
 
     python tools/bench_attention.py                                  # the full sweep
     python tools/bench_attention.py --n 131072 --sets geometric --backends sdpa-cudnn --head-dims 128
+    python tools/bench_attention.py --n 1048576 --sets geometric --backends sdpa --doc-lens 4096,65536
     python tools/bench_attention.py --render a.json b.json   # merge runs into --out-json and --out-md
 
 Backends: any name of ``backend_names()``; ``triton-fused`` is the fused kernel (all patterns in one
-pass), ``triton`` the same Triton code call by call, ``triton-docs`` the fused kernel with document
-masking (documents of ``--doc-len`` tokens).
+pass), ``triton`` the project's per-call kernel.
+
+Document masking (``--doc-lens``): each backend runs again on packed documents of random lengths,
+uniform in [L/2, 3L/2] for each mean length L (so boundaries fall anywhere in the segments). One
+``Documents`` serves all repetitions, as one serves every layer of a training step; ``layout ms`` is
+what computing its per-call layouts costs once (a fresh one's forward minus the timed forward). The
+useful FLOPs are the unmasked ones, so TFLOP/s compare times with the unmasked rows; ``vs unmasked``
+is the unmasked fwd+bwd time over the masked one, same backend.
 
 Pattern sets: ``geometric`` w = 2048 * 2^k, r = 2^k, k = 0..4; ``paper`` w = 2048..32768,
 r = (1, 2, 4, 6, 12); ``fullrange`` k = 0 .. up to w = N (grows with N, the paper's scaling figure).
@@ -40,9 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from longnet_megatron.attention import DilatedAttentionConfig, dilated_attention, get_backend  # noqa: E402
 from longnet_megatron.attention.backends import WHOLE_FUNCTION_BACKENDS  # noqa: E402
+from longnet_megatron.attention.documents import Documents  # noqa: E402
 
-DOCS_BACKEND = "triton-docs"  # pseudo-backend: the fused triton kernel with document masking
-FUSED = "triton-fused"
 DEFAULT_N = [8192, 16384, 32768, 131072, 524288, 1048576]
 SETS = ("geometric", "paper", "fullrange")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -134,13 +140,45 @@ def measure(
     return {"fwd_ms": fwd, "fwdbwd_ms": both, "peak_gib": peak_gib(forward_backward), "reps": both_reps}
 
 
+def packed_documents(n: int, mean: int, seed: int) -> torch.Tensor:
+    """``[1, n]`` ids of documents of random lengths, uniform in [mean/2, 3*mean/2] (on the GPU)."""
+    gen = torch.Generator().manual_seed(seed)
+    half = max(1, mean // 2)
+    lengths = torch.randint(half, 3 * half + 1, (n // half + 1,), generator=gen)
+    ids = torch.repeat_interleave(torch.arange(len(lengths)), lengths)[:n]
+    return ids[None].cuda()
+
+
+def layout_ms(
+    attend: Callable[..., torch.Tensor], tensors: tuple, docs: torch.Tensor, warm_ms: float
+) -> float:
+    """What a fresh Documents' per-call layouts cost once: its forward's time minus the warm one's."""
+    q, k, v, _ = tensors
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.no_grad():
+        attend(q, k, v, Documents(docs))
+    torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - start) - warm_ms
+
+
 def run_one(
-    label: str, attend: Callable[..., torch.Tensor], tensors: tuple, flops: float, args: argparse.Namespace
+    label: str,
+    attend: Callable[..., torch.Tensor],
+    tensors: tuple,
+    flops: float,
+    args: argparse.Namespace,
+    docs: torch.Tensor | None = None,
 ) -> dict:
     """One row of results; OOM and kernel errors are recorded, not raised."""
     row: dict = {"backend": label, "useful_fwd_flops": flops}
     try:
+        if docs is not None:
+            documents = Documents(docs)
+            masked, attend = attend, lambda q, k, v: masked(q, k, v, documents)
         row.update(measure(attend, tensors, args))
+        if docs is not None:
+            row["layout_ms"] = layout_ms(masked, tensors, docs, row["fwd_ms"])
         row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
         row["fwdbwd_tflops"] = 3.5 * flops / row["fwdbwd_ms"] / 1e9
         row["status"] = "ok"
@@ -182,22 +220,21 @@ def sweep(args: argparse.Namespace) -> list[dict]:
                 config = pattern_set(set_name, n)
                 flops = useful_flops(config, n, args.heads, d)
                 for name in args.backends:
-                    docs = None
-                    if name == DOCS_BACKEND:  # the fused kernel with documents of --doc-len tokens
-                        docs = torch.arange(n, device="cuda").div(args.doc_len, rounding_mode="floor")[None]
-                    backend = FUSED if docs is not None else name
-                    row = {**base, "set": set_name, "patterns": [list(p) for p in config.patterns]}
-                    if name == "sdpa":
-                        row["kernel"] = get_backend("sdpa").select(tensors[0])
-                    if docs is not None:
-                        row["doc_len"] = args.doc_len
+                    for doc_len in [0, *args.doc_lens]:
+                        row = {**base, "set": set_name, "patterns": [list(p) for p in config.patterns]}
+                        if name == "sdpa":
+                            row["kernel"] = get_backend("sdpa").select(tensors[0])
+                        docs = None
+                        if doc_len:
+                            row["doc_len"] = doc_len
+                            docs = packed_documents(n, doc_len, seed=n + doc_len)
 
-                    def attend(q, k, v, config=config, backend=backend, docs=docs):
-                        return dilated_attention(q, k, v, config, backend=backend, document_ids=docs)
+                        def attend(q, k, v, documents=None, config=config, name=name):
+                            return dilated_attention(q, k, v, config, backend=name, document_ids=documents)
 
-                    row.update(run_one(name, attend, tensors, flops, args))
-                    rows.append(row)
-                    _print_row(row)
+                        row.update(run_one(name, attend, tensors, flops, args, docs))
+                        rows.append(row)
+                        _print_row(row)
             del tensors
             torch.cuda.empty_cache()
     return rows
@@ -208,8 +245,9 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 
 
 def _print_row(row: dict) -> None:
+    docs = f"docs {row['doc_len']}" if row.get("doc_len") else "unmasked"
     print(
-        f"D={row['head_dim']:<4} N={row['n']:<8} {row.get('set', ''):<9} {row['backend']:<15} "
+        f"D={row['head_dim']:<4} N={row['n']:<8} {row.get('set', ''):<9} {row['backend']:<15} {docs:<10} "
         f"fwd {_fmt(row.get('fwd_ms'), 2):>9} ms {_fmt(row.get('fwd_tflops')):>6} TF/s | "
         f"fwd+bwd {_fmt(row.get('fwdbwd_ms'), 2):>9} ms {_fmt(row.get('fwdbwd_tflops')):>6} TF/s | "
         f"peak {_fmt(row.get('peak_gib'), 2):>6} GiB  {row.get('status', '')}",
@@ -237,8 +275,16 @@ def render_markdown(runs: list[dict], rows: list[dict]) -> str:
         "* peak = torch.cuda.max_memory_allocated during one fwd+bwd, inputs (q, k, v, dout) included",
         "* vs dense = dense causal cuDNN attention (PyTorch SDPA) fwd+bwd time / this fwd+bwd time, "
         "same N, same process",
+        "* docs = mean document length with document masking (lengths uniform in [L/2, 3L/2]; '-': "
+        "unmasked); vs unmasked = the same backend's unmasked fwd+bwd time / this one; layout ms = "
+        "computing the per-call document layouts once per batch (shared by every layer)",
         "",
     ]
+    unmasked = {
+        (r["head_dim"], r["n"], r.get("set"), r.get("backend"), r.get("run")): r
+        for r in rows
+        if not r.get("doc_len") and r.get("status") == "ok"
+    }
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r.get("set") not in (None, "dense"):
@@ -249,21 +295,28 @@ def render_markdown(runs: list[dict], rows: list[dict]) -> str:
         lines += [
             title,
             "",
-            "| N | backend | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | peak GiB | vs dense | run | status |",
-            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+            "| N | backend | docs | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | peak GiB | vs dense | "
+            "vs unmasked | layout ms | run | status |",
+            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
         ]
         ns = {r["n"] for r in group}
         group = group + [r for r in rows if r.get("set") == "dense" and r["head_dim"] == d and r["n"] in ns]
-        for r in sorted(group, key=lambda r: (r.get("n", 0), r.get("run", 1), r.get("backend", ""))):
+        order = lambda r: (r.get("n", 0), r.get("run", 1), r.get("backend", ""), r.get("doc_len") or 0)  # noqa: E731
+        for r in sorted(group, key=order):
             ref = dense.get((r.get("head_dim"), r.get("n"), r.get("run")))
-            speed = None
+            speed = masked = None
             if ref and r.get("status") == "ok" and r["backend"] != "dense-cudnn":
                 speed = ref["fwdbwd_ms"] / r["fwdbwd_ms"]
+            plain = unmasked.get((r["head_dim"], r["n"], r.get("set"), r.get("backend"), r.get("run")))
+            if r.get("doc_len") and plain and r.get("status") == "ok":
+                masked = plain["fwdbwd_ms"] / r["fwdbwd_ms"]
             name = r["backend"] + (f" ({r['kernel']})" if r.get("kernel") else "")
             lines.append(
-                f"| {r.get('n')} | {name} | {_fmt(r.get('fwd_ms'), 2)} | {_fmt(r.get('fwd_tflops'))} | "
-                f"{_fmt(r.get('fwdbwd_ms'), 2)} | {_fmt(r.get('fwdbwd_tflops'))} | {_fmt(r.get('peak_gib'), 2)} | "
-                f"{_fmt(speed) + 'x' if speed else '-'} | {r.get('run', 1)} | {r.get('status', '')} |"
+                f"| {r.get('n')} | {name} | {r.get('doc_len') or '-'} | {_fmt(r.get('fwd_ms'), 2)} | "
+                f"{_fmt(r.get('fwd_tflops'))} | {_fmt(r.get('fwdbwd_ms'), 2)} | {_fmt(r.get('fwdbwd_tflops'))} | "
+                f"{_fmt(r.get('peak_gib'), 2)} | {_fmt(speed) + 'x' if speed else '-'} | "
+                f"{_fmt(masked, 2) + 'x' if masked else '-'} | {_fmt(r.get('layout_ms'))} | {r.get('run', 1)} | "
+                f"{r.get('status', '')} |"
             )
         lines.append("")
     lines += [f"* D = {r['head_dim']}, N = {r['n']}: {r['status']}" for r in rows if r.get("backend") == "*"]
@@ -299,11 +352,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sets", type=lambda s: s.split(","), default=list(SETS), help=f"from {SETS}")
     p.add_argument("--backends", type=lambda s: s.split(","), default=["te", "sdpa"])
     p.add_argument(
-        "--doc-len",
-        type=int,
-        default=65536,
-        help=f"document length of the {DOCS_BACKEND} rows (useful FLOPs "
-        "are counted without masking, so its TFLOP/s compare times with the unmasked rows)",
+        "--doc-lens",
+        type=ints,
+        default=[],
+        help="also run each backend with document masking on documents of these mean lengths "
+        "(useful FLOPs are counted without masking, so TFLOP/s compare times with the unmasked rows)",
     )
     p.add_argument("--no-dense", dest="dense", action="store_false", help="skip the dense baseline")
     p.add_argument("--dense-max-n", type=int, default=131072, help="longest N for the dense baseline")
@@ -331,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention needs a CUDA device")
-    args.backends = [b for b in args.backends if _usable(FUSED if b == DOCS_BACKEND else b)]
+    args.backends = [b for b in args.backends if _usable(b)]
     meta = {
         **_versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -9,6 +9,9 @@ all built by ``longnet_megatron.train.Trainer`` from a JobConfig, on synthetic r
   backend ``--backend``, patterns w_k = 2048 * 2^k, r_k = 2^k up to the context (LongNet's scaling setup).
 * ``dense``: Megatron-Core's own TE layer spec (``get_gpt_layer_with_transformer_engine_spec``), causal
   TE DotProductAttention pinned to cuDNN fused attention (``attention_backend=fused``), same dims.
+* ``--doc-lens 4096,65536``: LongNet rows again with document masking (``data.document_masking``) on
+  synthetic documents of that mean length (``data.synthetic_document_length``); 0 is the unmasked row.
+  Dense rows stay unmasked.
 
 Every configuration runs in a FRESH SUBPROCESS (an OOM cannot poison the next one, and TE's cuDNN and
 PyTorch's cuDNN SDPA stay in separate processes). Recompute ``auto``: first none; on OOM again with full
@@ -22,6 +25,7 @@ the query-key pairs its patterns score, dense the causal N(N+1)/2 per head.
     python tools/bench_train.py                                 # 125m and 1.3b, 8K .. 1M, both models
     python tools/bench_train.py --presets 125m --contexts 8K,32K,128K --append
     python tools/bench_train.py --kinds dense --contexts 512K,1M --steps 1 --warmup 1 --append
+    python tools/bench_train.py --kinds longnet --presets 125m --contexts 128K --doc-lens 0,4096,65536
     # CPU smoke run (local layers, fp32, no TE), not a measurement:
     python tools/bench_train.py --device cpu --presets tiny --contexts 256 --base-segment 64 \\
         --precision fp32 --warmup 1 --steps 1 --out /tmp/bench_train_smoke
@@ -74,6 +78,7 @@ class Row:
     params: int | None = None
     timed_steps: int | None = None
     loss: float | None = None  # last step's loss (about ln V on random tokens: a sanity check)
+    doc_len: int | None = None  # document masking on documents of this mean length (None: unmasked)
 
 
 def parse_contexts(text: str) -> list[int]:
@@ -112,6 +117,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--loss-chunk-tokens", type=int, default=None, help="default: the training default; 0: plain loss"
     )
     p.add_argument("--backend", default="auto", help="dilated attention backend: auto, sdpa, te, triton")
+    p.add_argument(
+        "--doc-lens",
+        default="0",
+        help="LongNet rows with document masking on synthetic documents of these mean lengths (0: unmasked)",
+    )
     p.add_argument("--base-segment", type=int, default=2048, help="LongNet w_0; w_k = w_0 * 2^k, r_k = 2^k")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU peak for MFU (H100 dense bf16)")
@@ -128,6 +138,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--steps must be >= 1 and --warmup >= 0")
     args.presets = [s.strip() for s in args.presets.split(",")]
     args.contexts = parse_contexts(args.contexts)
+    args.doc_lens = parse_contexts(args.doc_lens)
+    if any(n < 0 for n in args.doc_lens):
+        p.error("--doc-lens must be >= 0")
     return args
 
 
@@ -172,6 +185,8 @@ def job_config(spec: dict[str, Any]):
     ]
     if spec["loss_chunk_tokens"] is not None:
         overrides.append(f"model.loss_chunk_tokens={spec['loss_chunk_tokens']}")
+    if spec.get("doc_len"):
+        overrides += ["data.document_masking=true", f"data.synthetic_document_length={spec['doc_len']}"]
     return load_config(None, overrides)
 
 
@@ -346,9 +361,11 @@ def run_configuration(
     context: int,
     args: argparse.Namespace,
     runner: Callable[[dict[str, Any], float], dict[str, Any]] = run_subprocess,
+    doc_len: int = 0,
 ) -> tuple[Row, dict[str, Any] | None]:
-    """Measure one (kind, preset, context), retrying with full recompute after an OOM under ``auto``."""
+    """Measure one (kind, preset, context[, documents]), retrying with full recompute after an OOM under ``auto``."""
     spec = {
+        "doc_len": doc_len,
         "kind": kind,
         "preset": preset,
         "context": context,
@@ -371,6 +388,7 @@ def run_configuration(
     known = {f.name for f in fields(Row)}
     row = Row(kind=kind, preset=preset, context=context, **{k: v for k, v in result.items() if k in known})
     row.recompute = FULL_RECOMPUTE if recompute == "full" else "none"
+    row.doc_len = doc_len or None
     return row, env
 
 
@@ -381,6 +399,7 @@ def fmt(value: Any, spec: str) -> str:
 def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
     """The results table with what was measured and how."""
     dense = {(r.preset, r.context): r for r in rows if r.kind == "dense" and r.step_ms}
+    unmasked = {(r.preset, r.context): r for r in rows if r.kind == "longnet" and not r.doc_len and r.step_ms}
     on_gpu = meta["device_kind"] == "cuda"
     layers = "Transformer Engine" if on_gpu else "Megatron local (CPU smoke run)"
     dense_attention = (
@@ -397,21 +416,26 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
         f"{meta['backend']}, patterns w_k = {meta['base_segment']} * 2^k, r_k = 2^k up to N. Dense: "
         f"Megatron-Core's own layer spec, {dense_attention}, causal. Recompute: none first, full on OOM. "
         "Loss chunks: tokens per chunk of the output layer + loss ('-': plain). 'dense / LongNet': dense "
-        "step time over LongNet's.",
+        "step time over LongNet's. Documents: mean length of the synthetic documents with document "
+        "masking on ('-': unmasked; FLOPs still count the unmasked pairs); 'masked / unmasked': the "
+        "unmasked LongNet step time over this one.",
         "",
-        "| model | preset | context | recompute | loss chunks | attention | step ms | tokens/s/GPU | "
-        "TFLOP/s | MFU | peak GiB | dense / LongNet | status |",
-        "|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
+        "| model | preset | context | documents | recompute | loss chunks | attention | step ms | tokens/s/GPU | "
+        "TFLOP/s | MFU | peak GiB | dense / LongNet | masked / unmasked | status |",
+        "|---|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         ref = dense.get((r.preset, r.context))
         ratio = ref.step_ms / r.step_ms if (r.kind == "longnet" and ref and r.step_ms) else None
+        plain = unmasked.get((r.preset, r.context))
+        masked = plain.step_ms / r.step_ms if (r.doc_len and plain and r.step_ms) else None
         mfu = None if r.mfu is None else 100 * r.mfu
         lines.append(
-            f"| {r.kind} | {r.preset} | {short(r.context)} | {r.recompute or '-'} | "
-            f"{fmt(r.loss_chunk_tokens, 'd')} | {r.attention or '-'} | {fmt(r.step_ms, ',.0f')} | "
-            f"{fmt(r.tokens_per_s, ',.0f')} | {fmt(r.tflops, '.1f')} | {fmt(mfu, '.1f')}{'%' if mfu else ''} | "
-            f"{fmt(r.peak_gib, '.1f')} | {fmt(ratio, '.1f')}{'x' if ratio else ''} | {r.status} |"
+            f"| {r.kind} | {r.preset} | {short(r.context)} | {short(r.doc_len) if r.doc_len else '-'} | "
+            f"{r.recompute or '-'} | {fmt(r.loss_chunk_tokens, 'd')} | {r.attention or '-'} | "
+            f"{fmt(r.step_ms, ',.0f')} | {fmt(r.tokens_per_s, ',.0f')} | {fmt(r.tflops, '.1f')} | "
+            f"{fmt(mfu, '.1f')}{'%' if mfu else ''} | {fmt(r.peak_gib, '.1f')} | "
+            f"{fmt(ratio, '.1f')}{'x' if ratio else ''} | {fmt(masked, '.2f')}{'x' if masked else ''} | {r.status} |"
         )
     versions = ", ".join(
         f"{k} {meta[k]}" for k in ("torch", "transformer_engine", "megatron_core") if meta.get(k)
@@ -432,14 +456,14 @@ def save(rows: list[Row], meta: dict[str, Any], out: str, append: bool) -> tuple
         earlier = json.loads(path.with_suffix(".json").read_text())
         for data in earlier["rows"]:
             row = Row(**data)
-            merged[(row.kind, row.preset, row.context)] = row
+            merged[(row.kind, row.preset, row.context, row.doc_len)] = row
         meta["commands"] = [
             c for c in earlier["meta"].get("commands", []) if c not in meta["commands"]
         ] + meta["commands"]
     for row in rows:
-        merged[(row.kind, row.preset, row.context)] = row
+        merged[(row.kind, row.preset, row.context, row.doc_len)] = row
     order = {kind: i for i, kind in enumerate(KINDS)}
-    ordered = sorted(merged.values(), key=lambda r: (r.preset, r.context, order[r.kind]))
+    ordered = sorted(merged.values(), key=lambda r: (r.preset, r.context, order[r.kind], r.doc_len or 0))
     payload = {"meta": meta, "rows": [asdict(r) for r in ordered]}
     path.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
     path.with_suffix(".md").write_text(markdown(ordered, meta))
@@ -464,14 +488,17 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     for preset in args.presets:
         for context in args.contexts:
-            for kind in args.kinds:
+            for kind, doc_len in [
+                (k, d) for k in args.kinds for d in (args.doc_lens if k == "longnet" else [0])
+            ]:
                 started = time.perf_counter()
-                row, env = run_configuration(kind, preset, context, args)
+                row, env = run_configuration(kind, preset, context, args, doc_len=doc_len)
                 meta.update(env or {})
                 rows.append(row)
                 table, table_meta = save(rows, meta, args.out, args.append)
+                docs = f" docs {short(doc_len)}" if doc_len else ""
                 print(
-                    f"{kind:>8} {preset:>5} {short(context):>5}: {row.status} | recompute {row.recompute} | "
+                    f"{kind:>8} {preset:>5} {short(context):>5}{docs}: {row.status} | recompute {row.recompute} | "
                     f"{fmt(row.step_ms, ',.0f')} ms/step | {fmt(row.tokens_per_s, ',.0f')} tok/s | "
                     f"{fmt(row.tflops, '.1f')} TFLOP/s | {fmt(row.peak_gib, '.1f')} GiB "
                     f"({time.perf_counter() - started:.0f} s)",

@@ -68,16 +68,23 @@ def test_cpu_smoke_run_measures_both_models(tmp_path):
         "--warmup=1",
         "--steps=1",
         "--loss-chunk-tokens=100",  # the chunked output layer + loss inside the trainer
+        "--doc-lens=0,40",  # LongNet unmasked, and masked on documents of ~40 tokens
         f"--out={out}",
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
-    assert [(r["kind"], r["status"]) for r in rows] == [("longnet", "ok"), ("dense", "ok")]
+    assert [(r["kind"], r["doc_len"], r["status"]) for r in rows] == [
+        ("longnet", None, "ok"),
+        ("longnet", 40, "ok"),
+        ("dense", None, "ok"),
+    ]
+    rows = [rows[0], rows[2]]
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["tflops"] > 0 and r["peak_gib"] > 0
         assert r["loss_chunk_tokens"] == 100 and r["recompute"] == "none"
         assert abs(r["loss"] - math.log(256)) < 1.0  # random tokens: about ln V
     assert rows[0]["attention"].startswith("dilated") and rows[1]["attention"] == "Megatron local"
     table = out.with_suffix(".md").read_text()
-    assert "| longnet | tiny | 256 | none | 100 |" in table and "| dense | tiny | 256 |" in table
+    assert "| longnet | tiny | 256 | - | none | 100 |" in table and "| dense | tiny | 256 | - |" in table
+    assert "| longnet | tiny | 256 | 40 | none | 100 |" in table
