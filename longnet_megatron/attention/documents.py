@@ -106,11 +106,13 @@ class Documents:
         return cls(document_ids_from_eod(tokens, eod_token))
 
     def check(self, q: torch.Tensor) -> None:
-        """Raise ValueError unless these documents cover q's ``[B, N]`` tokens."""
+        """Raise ValueError unless these documents cover q's ``[B, N]`` tokens, on q's device."""
         if tuple(self.ids.shape) != tuple(q.shape[:2]):
             raise ValueError(
                 f"document_ids must be [batch, seq] = {tuple(q.shape[:2])}, got {tuple(self.ids.shape)}"
             )
+        if self.ids.device != q.device:
+            raise ValueError(f"document_ids are on {self.ids.device}, q on {q.device}")
 
     def cached(self, key: Any, keep: Any, make: Callable[[], Any]) -> Any:
         """``make()``, remembered under ``key``; ``keep`` (whose id is part of the key) is held alive."""
