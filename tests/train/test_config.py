@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from longnet_megatron.train.config import ConfigError, JobConfig, load_config
+from longnet_megatron.train.job import resolve_job
 from tests.train.conftest import REPO
 from tests.train.launching import launch_env, train_command
 
@@ -31,8 +32,7 @@ def test_overrides_are_typed_and_applied_in_order(packed_prefix):
     )
     assert cfg.optim.lr == 3e-4 and cfg.train.steps == 90 and cfg.model.use_te is None
     assert cfg.model.segment_lengths == [32, 64] and cfg.data.weights == [1.0]
-    cfg.validate(world_size=1)
-    assert cfg.seq_length() == 128  # from the packed data
+    assert resolve_job(cfg, world_size=1).seq_length == 128  # from the packed data
 
 
 @pytest.mark.parametrize(
@@ -95,7 +95,7 @@ def test_overrides_are_typed_and_applied_in_order(packed_prefix):
 )
 def test_bad_configs_name_the_key(packed_prefix, overrides, world, message):
     with pytest.raises(ConfigError) as err:
-        job(packed_prefix, *overrides).validate(world_size=world)
+        resolve_job(job(packed_prefix, *overrides), world_size=world)
     assert message in str(err.value)
 
 
@@ -131,10 +131,11 @@ def test_bad_overrides_name_the_key(override, message):
     ],
 )
 def test_loss_chunk_tokens_resolves_automatically_by_logits_size(overrides, expected):
-    from longnet_megatron.train.model import loss_chunk_tokens, resolve_preset
+    from longnet_megatron.train.model import loss_chunk_tokens
 
     cfg = load_config(None, ["data.synthetic=true", *overrides])
-    assert loss_chunk_tokens(cfg, resolve_preset(cfg, None)) == expected
+    world = cfg.layout.model_parallel_size()  # one model replica
+    assert loss_chunk_tokens(resolve_job(cfg, world_size=world)) == expected
 
 
 def test_bad_yaml_names_the_key(tmp_path):
