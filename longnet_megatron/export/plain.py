@@ -257,23 +257,35 @@ def _with_tied(state: dict[str, torch.Tensor], args: LongNetArgs) -> dict[str, t
     return state
 
 
-def load_safetensors_folder(folder: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of ``model.safetensors`` or of the shards its index lists."""
+def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """One safetensors file; a damaged one is a ValueError naming it (not safetensors' own error)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is unreadable ({e}): truncated or not a safetensors file") from e
+
+
+def load_safetensors_folder(folder: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of ``model.safetensors`` or of the shards its index lists."""
     folder = Path(folder)
     single, index = folder / WEIGHTS_FILE, folder / WEIGHTS_INDEX_FILE
     if single.is_file():
-        return load_file(single)
+        return _load_weights_file(single)
     if not index.is_file():
         raise FileNotFoundError(f"{folder} has neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE}")
-    weight_map = json.loads(index.read_text())["weight_map"]
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{index} is not a safetensors index ({e}): truncated?") from e
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(set(weight_map.values())):
         path = folder / shard
         if not path.is_file():
             raise FileNotFoundError(f"{path} is listed in {index} but missing")
-        state.update(load_file(path))
+        state.update(_load_weights_file(path))
     missing = sorted(set(weight_map) - set(state))
     if missing:
         raise ValueError(f"{folder}: tensors {missing[:5]} are in the index but in no shard")
