@@ -5,7 +5,9 @@
     longnet-convert reshard CHECKPOINT CHECKPOINT_DIR --tp 2 --pp 2   another TP / PP layout
     longnet-convert sample  HF_FOLDER --prompt 'def '             text from an exported model
 
-Megatron-side commands run on CPU (gloo) when no GPU is present. Bad inputs stop with one line that
+Megatron-side commands run on CPU (gloo) when no GPU is present. Each command imports what it runs
+when it runs (Megatron-Core for the checkpoint commands, only torch for ``sample``), so ``--help``
+and ``sample`` start in a fraction of the time. Bad inputs stop with one line that
 names the path: missing, truncated, mismatched (architecture vs config) or foreign (not LongNet).
 """
 

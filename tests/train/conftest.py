@@ -32,22 +32,12 @@ def packed_prefix(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, packed_prefix) -> str:
     """A run directory with checkpoints iter_0000002 and iter_0000004 of the tiny CPU model."""
-    from tests.train.launching import launch_env, train_command
+    from tests.train.launching import launch_env, quick_run
 
     run_dir = tmp_path_factory.mktemp("trained") / "run"
     result = subprocess.run(
-        train_command(
-            f"data.prefixes=[{packed_prefix}]",
-            f"run.dir={run_dir}",
-            "train.steps=4",
-            "train.micro_batch_size=2",
-            "train.global_batch_size=4",
-            "train.eval_interval=0",
-            "optim.warmup_steps=1",
-            "logging.interval=1",
-            "logging.tensorboard=false",
-            "checkpoint.interval=2",
-            "checkpoint.keep_last=0",
+        quick_run(
+            packed_prefix, str(run_dir), "train.steps=4", "checkpoint.interval=2", "checkpoint.keep_last=0"
         ),
         env=launch_env(),
         capture_output=True,

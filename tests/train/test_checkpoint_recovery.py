@@ -17,7 +17,7 @@ import pytest
 
 from longnet_megatron.checkpoint import CheckpointError
 from longnet_megatron.checkpoint.verify import resume_checkpoint
-from tests.train.launching import launch_env, read_metrics, train_command
+from tests.train.launching import launch_env, quick_run, read_metrics, train_command
 
 pytestmark = pytest.mark.slow
 
@@ -83,17 +83,7 @@ def test_resume_refuses_when_no_checkpoint_is_complete(trained_run, tmp_path):
 
 def _run(run_dir: Path, prefix: str, *overrides: str, **popen) -> subprocess.CompletedProcess:
     return subprocess.run(
-        train_command(
-            f"data.prefixes=[{prefix}]",
-            f"run.dir={run_dir}",
-            "train.micro_batch_size=2",
-            "train.global_batch_size=4",
-            "train.eval_interval=0",
-            "optim.warmup_steps=1",
-            "logging.interval=1",
-            "logging.tensorboard=false",
-            *overrides,
-        ),
+        quick_run(prefix, str(run_dir), *overrides),
         env=launch_env(),
         capture_output=True,
         text=True,
