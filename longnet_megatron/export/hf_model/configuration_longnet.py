@@ -13,5 +13,5 @@ class LongNetHFConfig(PretrainedConfig):
     model_type = "longnet"
 
     def __init__(self, tie_word_embeddings: bool = True, **kwargs):
-        kwargs.setdefault("use_cache", False)
+        kwargs.setdefault("use_cache", True)  # the bounded dilated cache (modeling_longnet.LongNetHFCache)
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
