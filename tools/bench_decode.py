@@ -127,12 +127,14 @@ def model_args(preset_name: str, context: int, args: argparse.Namespace) -> Long
 
 
 def random_model(margs: LongNetArgs, device: torch.device, dtype: torch.dtype) -> LongNetForCausalLM:
-    """Random weights (std 0.02, as Megatron initialises), built on the device."""
+    """Random weights, built on the device: matrices normal(0, 0.02) as Megatron initialises them,
+    norms and biases as PyTorch does."""
     torch.manual_seed(0)
     with torch.device(device):
         model = LongNetForCausalLM(margs)
         for p in model.parameters():
-            torch.nn.init.normal_(p, std=0.02)
+            if p.dim() > 1:
+                torch.nn.init.normal_(p, std=0.02)
     return model.to(dtype).eval()
 
 

@@ -171,7 +171,8 @@ class DilatedKVCache:
         self.keys: torch.Tensor | None = None  # [B, Hq, rows, D]
         self.values: torch.Tensor | None = None
         self._segment = [0] * len(config.patterns)  # segment of each pattern's last position (or 0)
-        self._starts: list[int] = []
+        self._starts: list[int] = []  # first storage row of each pattern
+        self._pattern_rows: list[int] = []  # rows each pattern owns (its offset 0 slot's capacity)
         self._slots: list[dict[int, _Slot]] = []
         start = 0
         for w, r in config.patterns:
@@ -185,8 +186,9 @@ class DilatedKVCache:
                 count = len(range(num_heads)[heads])
                 slots[o] = _Slot(o, heads, kv_heads, count, start, selected_before(limit, r, o))
             self._starts.append(start)
+            self._pattern_rows.append(selected_before(limit, r, 0))
             self._slots.append(slots)
-            start += selected_before(limit, r, 0)
+            start += self._pattern_rows[-1]
         # One spare row takes the single-token path's writes for heads a pattern does not select.
         self.rows = -(-(start + 1) // _ROW_ALIGN) * _ROW_ALIGN
         # Emptied slots kept for crop while recording: pattern -> segment -> offset -> (keys, values).
@@ -203,15 +205,19 @@ class DilatedKVCache:
         )  # fmt: skip
 
     # -- the computation ---------------------------------------------------------------------------
-    @torch.no_grad()
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str | AttentionBackend = "auto"
     ) -> torch.Tensor:
         """Attention output ``[B, n, Hq, D]`` of the next n tokens (positions ``length`` ..), cached.
 
         q ``[B, n, Hq, D]``, k and v ``[B, n, Hkv, D]``; ``backend`` serves the prefill path.
-        The cache is for inference: no gradients flow through it.
+        The cache is for inference: inputs that need gradients are refused, not silently detached.
         """
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            raise ValueError(
+                "the decode cache is for inference: no gradients flow through it; run under "
+                "torch.no_grad() or without a cache (use_cache=False)"
+            )
         self._check(q, k, v)
         if self.batch is None:
             self._allocate(q.shape[0], q.dtype, q.device)
@@ -469,11 +475,9 @@ class DilatedKVCache:
         group = self.num_heads // self.num_kv_heads
         row_pattern = torch.zeros(self.rows, **long)
         row_local = torch.full((self.rows,), self.rows, **long)  # padding rows: never visible
-        for i, start in enumerate(self._starts):
-            end = self._starts[i + 1] if i + 1 < len(self._starts) else self.rows - 1
-            end = min(end, start + max((s.capacity for s in self._slots[i].values()), default=0))
-            row_pattern[start:end] = i
-            row_local[start:end] = torch.arange(end - start, **long)
+        for i, (start, count) in enumerate(zip(self._starts, self._pattern_rows)):
+            row_pattern[start : start + count] = i
+            row_local[start : start + count] = torch.arange(count, **long)
         rates = torch.tensor([r for _, r in patterns], **long)
         return {
             "w": torch.tensor([w for w, _ in patterns], **long),

@@ -210,6 +210,7 @@ class LongNetModel(nn.Module):
     def __init__(self, args: LongNetArgs):
         super().__init__()
         self.args = args
+        self.cache_layout = cache_layout(args)  # what a decode cache must have been made for
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(LongNetBlock(args, i) for i in range(args.num_hidden_layers))
         self.norm = _norm(args)
@@ -217,7 +218,7 @@ class LongNetModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, cache: LongNetCache | None = None) -> torch.Tensor:
         start = 0
         if cache is not None:
-            cache.check_fits(self.args, input_ids.shape[1])
+            cache.check_fits(self.cache_layout, input_ids.shape[1])
             start = cache.get_seq_length()
         x = self.embed_tokens(input_ids)
         # Positions are 0..N-1 (after the cached ones), as in Megatron's GPTModel (it ignores
@@ -349,16 +350,15 @@ class LongNetCache:
             for i in range(args.num_hidden_layers)
         ]
 
-    def check_fits(self, args: LongNetArgs, num_tokens: int) -> None:
-        """Raise a clear error unless ``num_tokens`` more tokens of a model of ``args`` fit this cache."""
-        layout = cache_layout(args)
+    def check_fits(self, layout: dict[str, Any], num_tokens: int) -> None:
+        """Raise a clear error unless ``num_tokens`` more tokens of a model of ``layout`` fit this cache."""
         if layout != self.layout:
             diff = sorted(key for key in layout if layout[key] != self.layout.get(key))
             raise ValueError(
                 f"this cache was made for another model or layout (it differs in {', '.join(diff)}): "
                 "make one with model.new_cache()"
             )
-        start, limit = self.get_seq_length(), args.max_position_embeddings
+        start, limit = self.get_seq_length(), layout["max_position_embeddings"]
         if start + num_tokens > limit:
             raise ValueError(
                 f"positions {start}..{start + num_tokens - 1} pass the model's position limit "

@@ -156,12 +156,16 @@ def test_crop_within_a_segment_and_across_one_while_recording():
     attend(0, 21)
     attend(21, 22)
     cache.crop(-1)  # within every pattern's segment: no recording needed
-    attend(21, 23)
+    attend(21, 22)  # one token again: the single-token path's position follows the crop
+    attend(22, 23)
     with pytest.raises(ValueError, match="activate_past_recording"):
         cache.crop(-3)  # position 19 is in an earlier w = 4 segment, which was dropped
     assert cache.length == 23
     cache.activate_past_recording()
-    attend(23, 27)  # decoding path, crosses 24
+    attend(23, 24)
+    attend(24, 25)  # single tokens, the second starts a w = 4 segment
+    cache.crop(-2)
+    attend(23, 27)  # piecewise path, crosses 24
     cache.crop(-4)
     attend(23, 45)  # prefill path, crosses segments of every pattern
     cache.crop(-20)
@@ -188,6 +192,10 @@ def test_batch_items_can_be_reordered_and_repeated():
 
 def test_bad_inputs_are_clear_errors():
     config = DilatedAttentionConfig((4, 8), (1, 2))
+    with pytest.raises(ValueError, match="for inference"):
+        DilatedKVCache(config, 2, 2, 8).attend(
+            *(torch.randn(1, 3, 2, 8, requires_grad=True) for _ in range(3))
+        )
     with pytest.raises(ValueError, match="causal"):
         DilatedKVCache(DilatedAttentionConfig((4, 8), (1, 2), causal=False), 4, 4, 8)
     with pytest.raises(ValueError, match="multiple of the GQA group"):

@@ -277,3 +277,17 @@ def test_transformers_forward_takes_and_returns_the_cache(hf_model, export_folde
             hf_model(tokens, cache=transformers.DynamicCache())
         with pytest.raises(ValueError, match="its own cache"):
             hf_model.generate(tokens, max_new_tokens=2, past_key_values=transformers.DynamicCache())
+
+
+def test_transformers_training_forward_keeps_its_gradients(hf_model):
+    # The config's use_cache applies to inference: with gradients on, the default runs without a
+    # cache (which would detach attention), and an explicit cache is refused.
+    tokens = ids(1, 24, seed=11)
+    hf_model.zero_grad()
+    out = hf_model(tokens, labels=tokens)
+    assert out.cache is None
+    out.loss.backward()
+    assert hf_model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    hf_model.zero_grad()
+    with pytest.raises(ValueError, match="for inference"):
+        hf_model(tokens, use_cache=True)

@@ -23,15 +23,6 @@ from longnet_megatron.export import plain
 from .configuration_longnet import LongNetHFConfig
 
 
-def _tied_keys():
-    # transformers 5 maps tied parameter -> source; 4.x lists the tied names.
-    import transformers
-
-    if int(transformers.__version__.split(".")[0]) >= 5:
-        return {"lm_head.weight": "model.embed_tokens.weight"}
-    return ["lm_head.weight"]
-
-
 class LongNetHFCache(plain.LongNetCache, Cache):
     """The plain model's :class:`~longnet_megatron.export.plain.LongNetCache` as a transformers ``Cache``.
 
@@ -53,7 +44,7 @@ class LongNetHFForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = LongNetHFConfig
     base_model_prefix = "model"
     _no_split_modules = ["LongNetBlock"]
-    _tied_weights_keys = _tied_keys()
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # transformers 5: tied -> source
     supports_gradient_checkpointing = False
 
     def __init__(self, config: LongNetHFConfig):
@@ -99,7 +90,9 @@ class LongNetHFForCausalLM(PreTrainedModel, GenerationMixin):
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("LongNet's dilated attention has no padding mask: pass unpadded sequences")
         cache = plain.one_cache(cache, past_key_values)
-        if cache is None and (self.config.use_cache if use_cache is None else use_cache):
+        if use_cache is None:  # the config's default, for inference only: training needs no cache
+            use_cache = self.config.use_cache and not torch.is_grad_enabled()
+        if cache is None and use_cache:
             cache = self.new_cache()
         if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError("labels need the logits of every position: leave logits_to_keep at 0")
