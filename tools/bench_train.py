@@ -253,34 +253,26 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Build the Trainer of ``spec``, run warm-up and timed training steps, return a Row's fields."""
     import torch
 
-    from longnet_megatron.train.distributed import shutdown_distributed
-    from longnet_megatron.train.metrics import memory_gib, training_flops_per_sequence
+    from longnet_megatron.train.distributed import shutdown_distributed, world_from_env
+    from longnet_megatron.train.job import resolve_job
+    from longnet_megatron.train.metrics import memory_gib, preset_training_flops
     from longnet_megatron.train.trainer import Trainer
 
-    job = job_config(spec)
+    resolved = resolve_job(job_config(spec), world_from_env().world_size)
     layer_spec, config_overrides, attention = model_choice(spec["kind"], spec["device"] == "cuda")
-    trainer = Trainer(job, layer_spec=layer_spec, config_overrides=config_overrides)
+    trainer = Trainer(resolved, layer_spec=layer_spec, config_overrides=config_overrides)
     try:
         device = trainer.device
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        arch, n = job.architecture(), spec["context"]
-        heads = arch["num_attention_heads"]
+        preset, n = resolved.preset, spec["context"]
+        heads = preset.num_attention_heads
+        patterns = None  # the preset's dilated patterns
         if spec["kind"] == "longnet":
-            patterns = list(zip(arch["segment_lengths"], arch["dilation_rates"]))
-            backend = dilated_backend_name(spec["backend"], heads, arch["hidden_size"] // heads, device)
-            attention = f"dilated {backend}, {len(patterns)} patterns"
+            backend = dilated_backend_name(spec["backend"], heads, preset.hidden_size // heads, device)
+            attention = f"dilated {backend}, {len(preset.dilated_attention.patterns)} patterns"
         else:
             patterns = [(n, 1)]  # one full causal segment: N(N+1)/2 pairs per head
-        flops = training_flops_per_sequence(
-            num_layers=arch["num_layers"],
-            hidden_size=arch["hidden_size"],
-            num_heads=heads,
-            kv_heads=arch["num_query_groups"] or heads,
-            ffn_hidden_size=arch["ffn_hidden_size"] or 4 * arch["hidden_size"],
-            vocab_size=trainer.preset.padded_vocab_size(1),
-            seq_length=n,
-            patterns=patterns,
-        )
+        flops = preset_training_flops(preset, vocab_size=preset.padded_vocab_size(1), patterns=patterns)
         times, loss = [], None
         started = None
         for step in range(spec["warmup"] + spec["steps"]):

@@ -23,8 +23,13 @@ from typing import Any
 
 import torch
 
-from longnet_megatron.export.errors import ConversionError
+from longnet_megatron.checkpoint import CheckpointError, find_checkpoint
+from longnet_megatron.checkpoint.weights import load_full_model
+from longnet_megatron.export.architecture import export_args
+from longnet_megatron.export.mapping import megatron_to_hf_state
 from longnet_megatron.export.plain import CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, LongNetArgs
+from longnet_megatron.export.tokenizer_files import write_tokenizer
+from longnet_megatron.model.state_dict import tensors_only
 
 HF_MODEL_DIR = Path(__file__).parent / "hf_model"
 MODEL_CODE = ("configuration_longnet.py", "modeling_longnet.py")
@@ -43,7 +48,7 @@ def hf_config(args: LongNetArgs, record: dict[str, Any], dtype: torch.dtype) -> 
         },
         **args.to_dict(),
         "torch_dtype": str(dtype).removeprefix("torch."),
-        "use_cache": False,
+        "use_cache": True,
         "megatron_record": record,
     }
 
@@ -81,22 +86,32 @@ def write_safetensors(folder: Path, state: dict[str, torch.Tensor], max_shard_by
     return [*names, WEIGHTS_INDEX_FILE]
 
 
-def _prepare_destination(out_dir: Path) -> None:
-    """Refuse to overwrite anything but an empty folder or an earlier LongNet export."""
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise ConversionError(f"{out_dir} exists and is not a folder", "mismatched")
-    if any(out_dir.iterdir()):
-        config = out_dir / CONFIG_FILE
-        try:
-            is_export = json.loads(config.read_text()).get("model_type") == "longnet"
-        except (OSError, ValueError):
-            is_export = False
-        if not is_export:
-            raise ConversionError(
-                f"{out_dir} is not empty and is not a LongNet export: refusing to overwrite it", "mismatched"
-            )
+def check_destination(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an existing export unless ``overwrite``, and anything but an earlier LongNet export even
+    then; refuse an output whose parent cannot be written. Runs before any work."""
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise CheckpointError(f"{out_dir} exists and is not a folder", "mismatched")
+        if any(out_dir.iterdir()):
+            config = out_dir / CONFIG_FILE
+            try:
+                is_export = json.loads(config.read_text()).get("model_type") == "longnet"
+            except (OSError, ValueError):
+                is_export = False
+            if not is_export:
+                raise CheckpointError(
+                    f"{out_dir} is not empty and is not a LongNet export: refusing to overwrite it",
+                    "mismatched",
+                )
+            if not overwrite:
+                raise CheckpointError(
+                    f"{out_dir} already holds an export: pass --overwrite to replace it", "mismatched"
+                )
+    parent = out_dir.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"{parent} is not writable: cannot create {out_dir}", "unwritable")
 
 
 def write_hf_folder(
@@ -107,21 +122,27 @@ def write_hf_folder(
     *,
     dtype: torch.dtype = torch.float32,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
 ) -> Path:
-    """Write a complete export folder (atomically: built beside ``out_dir``, then moved in place)."""
-    from longnet_megatron.export.tokenizer_files import write_tokenizer
+    """Write a complete export folder (atomically: built beside ``out_dir``, then moved in place).
 
+    A failed write (disk full, permissions) leaves ``out_dir`` as it was and raises an
+    ``unwritable`` :class:`CheckpointError` naming the folder.
+    """
     out_dir = Path(out_dir)
-    _prepare_destination(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    check_destination(out_dir, overwrite)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    except OSError as e:
+        raise CheckpointError(f"cannot create {out_dir}: {e.strerror or e}", "unwritable") from e
     try:
         staging.chmod(0o755)
         if record.get("tokenizer") is not None:
             tokenizer = write_tokenizer(staging, record["tokenizer"], args.max_position_embeddings)
             args.eos_token_id = tokenizer.eod_id
             if tokenizer.vocab_size > args.vocab_size:
-                raise ConversionError(
+                raise CheckpointError(
                     f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids, the model's embedding "
                     f"{args.vocab_size} rows",
                     "mismatched",
@@ -130,7 +151,7 @@ def write_hf_folder(
         state = {k: v.to(dtype).contiguous() for k, v in state.items()}
         write_safetensors(staging, state, max_shard_bytes)
         (staging / CONFIG_FILE).write_text(json.dumps(hf_config(args, record, dtype), indent=2) + "\n")
-        generation = {"eos_token_id": args.eos_token_id, "do_sample": False, "use_cache": False}
+        generation = {"eos_token_id": args.eos_token_id, "do_sample": False, "use_cache": True}
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         for name in MODEL_CODE:
             shutil.copyfile(HF_MODEL_DIR / name, staging / name)
@@ -139,6 +160,10 @@ def write_hf_folder(
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)
+    except OSError as e:
+        raise CheckpointError(
+            f"writing {out_dir} failed: {e.strerror or e}; nothing was replaced", "unwritable"
+        ) from e
     finally:
         if staging.exists():
             shutil.rmtree(staging)
@@ -152,21 +177,25 @@ def export_to_hf(
     dtype: str = "float32",
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     tokenizer: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Export a LongNet Megatron checkpoint (or the latest of a run directory) to ``out_dir``.
 
     Runs Megatron in this process (one gloo rank, CPU unless CUDA is present). ``tokenizer``
     replaces the description saved with the checkpoint (e.g. when the checkpoint has none).
     """
-    from longnet_megatron.export.architecture import export_args
-    from longnet_megatron.export.checkpoint_io import load_full_model
-    from longnet_megatron.export.mapping import megatron_to_hf_state
-    from longnet_megatron.model.state_dict import tensors_only
-
-    model, record, _ = load_full_model(checkpoint)
+    model, record = load_full_model(find_checkpoint(checkpoint))
     if tokenizer is not None:
         record = {**record, "tokenizer": tokenizer}
     padded = model.embedding.word_embeddings.weight.shape[0]
     args = export_args(record, padded)
     state = megatron_to_hf_state(tensors_only(model.state_dict()), args)
-    return write_hf_folder(out_dir, args, state, record, dtype=DTYPES[dtype], max_shard_bytes=max_shard_bytes)
+    return write_hf_folder(
+        out_dir,
+        args,
+        state,
+        record,
+        dtype=DTYPES[dtype],
+        max_shard_bytes=max_shard_bytes,
+        overwrite=overwrite,
+    )

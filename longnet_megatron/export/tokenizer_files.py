@@ -13,7 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from longnet_megatron.export.errors import ConversionError
+from data_prep.tokenizers import EOD_TEXT, TokenizerError, get_tokenizer
+from longnet_megatron.checkpoint.errors import CheckpointError
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
 RANK_FILE = "tokenizer.tiktoken"
@@ -21,12 +22,10 @@ RANK_FILE = "tokenizer.tiktoken"
 
 def write_tokenizer(folder: Path, description: dict[str, Any], max_length: int) -> Any:
     """Write ``tokenizer_config.json`` (and the rank file) for ``description``; return the tokenizer."""
-    from data_prep.tokenizers import EOD_TEXT, TokenizerError, get_tokenizer
-
     try:
         tokenizer = get_tokenizer(description)
     except TokenizerError as e:
-        raise ConversionError(f"the checkpoint's tokenizer cannot be built: {e}", "missing") from e
+        raise CheckpointError(f"the checkpoint's tokenizer cannot be built: {e}", "missing") from e
     stored = dict(description)
     if stored.get("kind") == "tiktoken_file":
         shutil.copyfile(stored["path"], folder / RANK_FILE)
@@ -47,7 +46,7 @@ def tokenizer_description(folder: str | Path) -> dict[str, Any]:
     """The tokenizer description of an exported folder, rank-file path made absolute."""
     path = Path(folder) / TOKENIZER_CONFIG
     if not path.is_file():
-        raise ConversionError(f"{path} is missing: the export has no tokenizer (pass --tokenizer)", "missing")
+        raise CheckpointError(f"{path} is missing: the export has no tokenizer (pass --tokenizer)", "missing")
     description = dict(json.loads(path.read_text())["longnet_tokenizer"])
     if description.get("kind") == "tiktoken_file" and not Path(description["path"]).is_absolute():
         description["path"] = str((Path(folder) / description["path"]).resolve())
@@ -56,6 +55,4 @@ def tokenizer_description(folder: str | Path) -> dict[str, Any]:
 
 def load_tokenizer(folder: str | Path, spec: str | dict[str, Any] | None = None) -> Any:
     """The tokenizer an exported model was trained with (or ``spec``, a ``get_tokenizer`` spec)."""
-    from data_prep.tokenizers import get_tokenizer
-
     return get_tokenizer(spec if spec is not None else tokenizer_description(folder))

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from longnet_megatron.compat import enable_cpu_megatron
+
 
 @dataclass(frozen=True)
 class ParallelLayout:
@@ -45,6 +47,23 @@ def initialize_megatron_parallel(layout: ParallelLayout, seed: int | None = 1234
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
         model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+
+
+def init_single_process() -> None:
+    """torch.distributed (gloo, one rank) and Megatron's parallel state for TP=PP=CP=1 here.
+
+    For the tools that run a whole model in one process (export, evaluation). On a machine without
+    CUDA, Megatron's CUDA-only calls are redirected to the CPU first. An already initialised process
+    group or parallel state is left as it is.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    enable_cpu_megatron()
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        initialize_megatron_parallel(ParallelLayout())
 
 
 def free_port() -> int:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import sys
-import warnings
 
 import click
 
+from longnet_megatron.checkpoint import CheckpointError
+from longnet_megatron.compat.warnings import quiet_third_party_warnings
 from longnet_megatron.train.config import ConfigError, load_config
 from longnet_megatron.train.signals import REQUEUE_EXIT_CODE
 
@@ -33,13 +34,15 @@ def main(config, overrides, check, print_config) -> None:
     Runs resume from CHECKPOINT_DIR/latest. On SIGTERM or SIGUSR1 a checkpoint is saved and the
     process exits with code 75 (the launch script requeues on it). docs/training.md is the manual.
     """
-    warnings.filterwarnings("ignore", module="megatron")
-    from longnet_megatron.train.distributed import world_from_env
+    # Megatron-Core (imported by what follows) warns on import: the filters go first.
+    quiet_third_party_warnings()
+    from longnet_megatron.train.distributed import shutdown_distributed, world_from_env
+    from longnet_megatron.train.job import resolve_job
+    from longnet_megatron.train.trainer import Trainer
 
     world = world_from_env()
     try:
-        job = load_config(config, overrides)
-        job.validate(world_size=world.world_size)
+        resolved = resolve_job(load_config(config, overrides), world.world_size)
     except ConfigError as e:
         if world.rank == 0:
             click.echo(f"longnet-train: configuration error: {e}", err=True)
@@ -47,19 +50,23 @@ def main(config, overrides, check, print_config) -> None:
     if print_config:
         import yaml
 
-        click.echo(yaml.safe_dump(job.to_dict(), sort_keys=False))
+        click.echo(yaml.safe_dump(resolved.config.to_dict(), sort_keys=False))
         return
     if check:
         click.echo(f"configuration OK for {world.world_size} rank(s)")
         return
 
-    from longnet_megatron.train.distributed import shutdown_distributed
-    from longnet_megatron.train.trainer import Trainer
-
-    trainer = Trainer(job, world)
-    code = trainer.train()
-    trainer.close()
-    shutdown_distributed()
+    try:
+        trainer = Trainer(resolved, world)
+        code = trainer.train()
+        trainer.close()
+    except CheckpointError as e:
+        if world.rank == 0:
+            prefix = "cannot save" if e.kind == "unwritable" else f"{e.kind} checkpoint"
+            click.echo(f"longnet-train: {prefix}: {e}", err=True)
+        sys.exit(1)
+    finally:
+        shutdown_distributed()
     if code == REQUEUE_EXIT_CODE and world.rank == 0:
         click.echo(
             f"longnet-train: stopped by signal after a checkpoint; exit {REQUEUE_EXIT_CODE} (requeue)",

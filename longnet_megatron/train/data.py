@@ -25,10 +25,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset
 
+from data_prep.megatron_config import gpt_dataset_config_for, model_inputs
+from data_prep.pack import SPLITS, split_prefix
 from longnet_megatron.attention.documents import document_bounds, document_ids_from_eod
 from longnet_megatron.model.documents import DocumentMask, document_mask
-from longnet_megatron.train.config import DataConfig, JobConfig
+from longnet_megatron.parallel.batch import split_batch_for_context_parallel
+from longnet_megatron.train.config.schema import DataConfig
+from longnet_megatron.train.job import ResolvedJob
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +111,6 @@ class _ModelInputs(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, idx: int) -> Batch:
-        from data_prep.megatron_config import model_inputs
-
         sample = model_inputs(self.dataset[idx])
         return sample if self.eod is None else with_document_ids(sample, self.eod)
 
@@ -129,43 +133,19 @@ def packed_seq_params(batch: Batch, data: DataConfig, seq_length: int) -> Docume
     )
 
 
-def tokenizer_description(job: JobConfig) -> dict[str, Any] | None:
-    """The tokenizer of the (first) dataset, as ``Tokenizer.describe()`` (None for synthetic data)."""
-    if job.data.synthetic:
-        return None
-    from data_prep.megatron_config import read_pack_summary
-
-    return read_pack_summary(job.data.prefixes[0])["tokenizer"]
-
-
-def data_vocab_size(job: JobConfig) -> int | None:
-    """The vocabulary the data needs (tokenizer vocabulary incl. end-of-document); None if synthetic."""
-    description = tokenizer_description(job)
-    if description is None:
-        return None
-    from data_prep.tokenizers import get_tokenizer
-
-    return get_tokenizer(description).vocab_size
-
-
-def _gpt_dataset_config(job: JobConfig):
+def _gpt_dataset_config(resolved: ResolvedJob):
     """One GPTDatasetConfig for every prefix: per split, the blend of the prefixes' split datasets."""
-    from data_prep.megatron_config import gpt_dataset_config_for
-    from data_prep.pack import SPLITS, split_prefix
-
+    job = resolved.config
     configs = [
         gpt_dataset_config_for(
             prefix,
-            seq_length=job.model.seq_length,
+            seq_length=resolved.seq_length,
             random_seed=job.train.seed,
             path_to_cache=job.data.cache_dir,
             reset_position_ids=job.data.reset_position_ids,
         )
         for prefix in job.data.prefixes
     ]
-    tokenizers = {repr(c.tokenizer.unique_identifiers) for c in configs}
-    if len(tokenizers) > 1:
-        raise ValueError(f"data.prefixes were tokenized with different tokenizers: {sorted(tokenizers)}")
     if len(configs) == 1:
         return configs[0]
     weights = job.data.weights or [1.0] * len(configs)
@@ -181,9 +161,10 @@ def _gpt_dataset_config(job: JobConfig):
 
 
 def build_datasets(
-    job: JobConfig, seq_length: int, vocab_size: int, num_train_samples: int, num_valid_samples: int
+    resolved: ResolvedJob, num_train_samples: int, num_valid_samples: int
 ) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset | None]:
     """(train, valid) datasets of at least the given numbers of samples (valid is None when absent)."""
+    job, seq_length, vocab_size = resolved.config, resolved.seq_length, resolved.preset.vocab_size
     d = job.data
     if d.synthetic:
         log.warning("data: SYNTHETIC random tokens (data.synthetic=true): throughput only, nothing to learn")
@@ -192,10 +173,7 @@ def build_datasets(
             SyntheticDataset(num_train_samples, seq_length, vocab_size, job.train.seed, **docs),
             SyntheticDataset(num_valid_samples, seq_length, vocab_size, job.train.seed + 1, **docs),
         )
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset
-
-    config = _gpt_dataset_config(job)
+    config = _gpt_dataset_config(resolved)
     train, valid, _ = BlendedMegatronDatasetBuilder(
         GPTDataset, [num_train_samples, num_valid_samples, 0], lambda: True, config
     ).build()
@@ -246,8 +224,6 @@ def micro_batches(
 
 def split_for_context_parallel(batch: Batch, cp_rank: int, cp_size: int) -> Batch:
     """This context-parallel rank's contiguous chunk of every sequence in ``batch`` (global positions)."""
-    from longnet_megatron.parallel.batch import split_batch_for_context_parallel
-
     return split_batch_for_context_parallel(batch, cp_rank, cp_size)
 
 

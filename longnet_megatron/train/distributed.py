@@ -19,7 +19,8 @@ from datetime import timedelta
 
 import torch
 
-from longnet_megatron.parallel.layout import ParallelLayout, free_port, initialize_megatron_parallel
+from longnet_megatron.compat import enable_cpu_megatron
+from longnet_megatron.parallel.layout import free_port, initialize_megatron_parallel
 from longnet_megatron.train.config import JobConfig
 
 
@@ -65,8 +66,6 @@ def setup_device() -> torch.device:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))))
         return torch.device("cuda", torch.cuda.current_device())
-    from longnet_megatron.compat import enable_cpu_megatron
-
     enable_cpu_megatron()
     return torch.device("cpu")
 
@@ -85,14 +84,7 @@ def init_distributed(job: JobConfig, world: World) -> torch.device:
             timeout=timedelta(minutes=job.run.timeout_minutes),
             **({"device_id": device} if device.type == "cuda" else {}),
         )
-    p = job.parallel
-    layout = ParallelLayout(
-        tp=p.tensor_model_parallel_size,
-        pp=p.pipeline_model_parallel_size,
-        cp=p.context_parallel_size,
-        vpp=p.virtual_pipeline_model_parallel_size,
-    )
-    initialize_megatron_parallel(layout, seed=None)  # the trainer seeds after building its config
+    initialize_megatron_parallel(job.layout, seed=None)  # the trainer seeds after building its config
     return device
 
 

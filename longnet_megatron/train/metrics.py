@@ -17,6 +17,9 @@ from typing import Any
 
 import torch
 
+from longnet_megatron.checkpoint.files import write_atomic
+from longnet_megatron.model.presets import LongNetPreset
+
 # Dense bf16 tensor-core peaks (TFLOP/s per GPU) used when logging.peak_tflops is not given.
 KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
 
@@ -61,6 +64,23 @@ def training_flops_per_sequence(
     return 3.0 * forward
 
 
+def preset_training_flops(preset: LongNetPreset, *, vocab_size: int, patterns=None) -> float:
+    """:func:`training_flops_per_sequence` of a preset at its length (``vocab_size``: the padded one).
+
+    ``patterns`` replaces the preset's dilated ones (e.g. ``[(L, 1)]``: dense causal attention).
+    """
+    return training_flops_per_sequence(
+        num_layers=preset.num_layers,
+        hidden_size=preset.hidden_size,
+        num_heads=preset.num_attention_heads,
+        kv_heads=preset.num_query_groups or preset.num_attention_heads,
+        ffn_hidden_size=preset.ffn_hidden_size or 4 * preset.hidden_size,
+        vocab_size=vocab_size,
+        seq_length=preset.seq_length,
+        patterns=preset.dilated_attention.patterns if patterns is None else patterns,
+    )
+
+
 def peak_tflops(configured: float | None) -> float | None:
     """The per-GPU peak for MFU: the configured one, or a known GPU's bf16 peak (None on CPU)."""
     if configured:
@@ -80,24 +100,54 @@ def memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-class MetricsWriter:
-    """One console line per interval, TensorBoard scalars and ``metrics.jsonl`` (rank 0 only)."""
+def truncate_metrics(path: str, step: int) -> None:
+    """Keep only the records of ``path`` up to ``step`` (and no half-written last line).
 
-    def __init__(self, run_dir: str, tensorboard: bool, enabled: bool) -> None:
+    A run resumed from the checkpoint of step ``step`` repeats the steps after it; without this the
+    records between that checkpoint and the kill would appear twice. Rewritten atomically.
+    """
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break  # the line a killed run was writing
+            try:
+                record = json.loads(line)
+            except ValueError:
+                break
+            if record.get("step", 0) <= step:
+                kept.append(line)
+    write_atomic(path, "".join(kept))
+
+
+class MetricsWriter:
+    """One console line per interval, TensorBoard scalars and ``metrics.jsonl`` (rank 0 only).
+
+    ``resume_step``: the step the run starts from; records after it (left by the run that was
+    interrupted) are dropped first, so every step appears once.
+    """
+
+    def __init__(self, run_dir: str, tensorboard: bool, enabled: bool, resume_step: int = 0) -> None:
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        path = os.path.join(run_dir, "metrics.jsonl")
+        truncate_metrics(path, resume_step)
+        self._jsonl = open(path, "a")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is optional
                 print("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
             else:
-                self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+                # purge_step: drop the events a resumed run writes again (as truncate_metrics does).
+                purge = resume_step + 1 if resume_step else None
+                self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=purge)
 
     def write(self, record: dict[str, Any], console: bool = True) -> None:
         if not self.enabled:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
 from longnet_megatron.train.config import JobConfig
 from longnet_megatron.train.model import DTYPES
 
 
 def build_optimizer(job: JobConfig, chunks: list[Any]):
     """``get_megatron_optimizer`` over the DDP-wrapped chunks (mixed precision, clipping, loss scale)."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
     o, precision = job.optim, job.train.precision
     config = OptimizerConfig(
         optimizer="adam",
@@ -34,8 +35,6 @@ def build_optimizer(job: JobConfig, chunks: list[Any]):
 
 def build_scheduler(job: JobConfig, optimizer):
     """Megatron's OptimizerParamScheduler counting in optimizer steps: linear warmup from 0, then decay."""
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
     o = job.optim
     decay_steps = o.decay_steps or job.train.steps
     return OptimizerParamScheduler(

@@ -1,6 +1,6 @@
 """The Trainer: LongNet pretraining on Megatron-Core, top to bottom.
 
-    trainer = Trainer(load_config("configs/tiny_cpu.yaml"))
+    trainer = Trainer(resolve_job(load_config("configs/tiny_cpu.yaml"), world_size=1))
     exit_code = trainer.train()      # 0, or REQUEUE_EXIT_CODE after a signal-triggered checkpoint
 
 Construction sets up, in order: process groups and parallel_state, seeds, the model (this rank's
@@ -12,24 +12,40 @@ pipeline chunks in Megatron DDP), the optimizer and lr scheduler, the checkpoint
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+from longnet_megatron.checkpoint.files import find_checkpoint, write_atomic
+from longnet_megatron.checkpoint.record import model_record
+from longnet_megatron.checkpoint.training_state import TrainingCheckpointer
+from longnet_megatron.checkpoint.verify import resume_checkpoint
+from longnet_megatron.checkpoint.weights import load_weights, open_checkpoint
 from longnet_megatron.train import data as data_lib
-from longnet_megatron.train.checkpoint import Checkpointer, latest_checkpoint
-from longnet_megatron.train.config import JobConfig, dump_config
+from longnet_megatron.train.config import dump_config
 from longnet_megatron.train.distributed import World, init_distributed, world_from_env
-from longnet_megatron.train.metrics import MetricsWriter, memory_gib, peak_tflops, training_flops_per_sequence
-from longnet_megatron.train.model import build_model_chunks, resolve_preset, transformer_config, unwrap
+from longnet_megatron.train.job import ResolvedJob
+from longnet_megatron.train.metrics import MetricsWriter, memory_gib, peak_tflops, preset_training_flops
+from longnet_megatron.train.model import (
+    build_model_chunks,
+    transformer_config,
+    unwrap,
+    uses_transformer_engine,
+)
 from longnet_megatron.train.optim import build_optimizer, build_scheduler
 from longnet_megatron.train.signals import REQUEUE_EXIT_CODE, ExitSignals
 
@@ -46,7 +62,7 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 
 class Trainer:
-    """One training run of a :class:`JobConfig` on this process's rank.
+    """One training run of a resolved job (:func:`~longnet_megatron.train.job.resolve_job`) on this rank.
 
     init_weights: optional callable given this rank's (unwrapped) model chunks after they are built and
         before the optimizer sees them, e.g. to load the same full weights under several layouts.
@@ -57,37 +73,36 @@ class Trainer:
 
     def __init__(
         self,
-        job: JobConfig,
+        resolved: ResolvedJob,
         world: World | None = None,
         init_weights: Callable[[list[torch.nn.Module]], None] | None = None,
         layer_spec: Any = None,
         config_overrides: dict[str, Any] | None = None,
     ) -> None:
-        from megatron.core import parallel_state as ps
-
-        self.job = job
+        self.resolved = resolved
+        self.job = job = resolved.config
         world = world or world_from_env()
-        job.validate(world_size=world.world_size)
+        if world.world_size != resolved.world_size:
+            raise ValueError(
+                f"the job was resolved for {resolved.world_size} ranks, this world has {world.world_size}"
+            )
         self.device = init_distributed(job, world)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.is_logging_rank = self.rank == 0
         _setup_logging(self.is_logging_rank)
         self._seed(job.train.seed + 100 * ps.get_pipeline_model_parallel_rank())
 
-        # Model: this rank's pipeline chunks, DDP-wrapped.
-        self.tokenizer = data_lib.tokenizer_description(job)
-        self.preset = resolve_preset(job, data_lib.data_vocab_size(job))
-        self.seq_length = self.preset.seq_length
-        self.model_config = transformer_config(job, self.preset, config_overrides)
-        self.chunks = build_model_chunks(job, self.preset, self.model_config, self.device, layer_spec)
+        # Model: this rank's pipeline chunks, DDP-wrapped; its record goes into every checkpoint.
+        self.preset, self.seq_length = resolved.preset, resolved.seq_length
+        self.model_config = transformer_config(resolved, config_overrides)
+        self.chunks = build_model_chunks(resolved, self.model_config, self.device, layer_spec)
+        self.record = model_record(self.preset, self.model_config, resolved.tokenizer)
         if init_weights is not None:
             init_weights(unwrap(self.chunks))
             for chunk in self.chunks:
                 chunk.broadcast_params()  # keep data-parallel replicas identical
 
         # Optimizer and schedule; Megatron's schedules find the gradient hooks through the config.
-        from megatron.core.distributed import finalize_model_grads
-
         self.optimizer = build_optimizer(job, self.chunks)
         self.scheduler = build_scheduler(job, self.optimizer)
         self.model_config.finalize_model_grads_func = finalize_model_grads
@@ -106,19 +121,17 @@ class Trainer:
         self.dp_rank = ps.get_data_parallel_rank()
         self.cp_size = ps.get_context_parallel_world_size()
         self.cp_rank = ps.get_context_parallel_rank()
-        self.num_microbatches = job.num_microbatches(self.world_size)
+        self.num_microbatches = resolved.num_microbatches
         self.global_batch = job.train.global_batch_size
 
         # Checkpoint: resume from `latest` (or an explicit checkpoint.load).
         self.step, self.consumed_samples = 0, 0
-        self.checkpointer = Checkpointer(
+        self.checkpointer = TrainingCheckpointer(
             job.checkpoint_dir, job.checkpoint.keep_last, job.checkpoint.optimizer_sharding
         )
-        resume = job.checkpoint.load or (
-            latest_checkpoint(job.checkpoint_dir) if job.checkpoint.resume else None
-        )
+        resume = self._resume_point()
         if resume:
-            state = self.checkpointer.load(resume, self.chunks, self.optimizer, self.scheduler)
+            state = self.checkpointer.load(resume, self.chunks, self.optimizer, self.scheduler, self.record)
             self.step, self.consumed_samples = int(state["step"]), int(state["consumed_samples"])
             log.info(
                 "resumed from %s at step %d (%d samples consumed)", resume, self.step, self.consumed_samples
@@ -130,24 +143,18 @@ class Trainer:
         t = job.train
         num_valid = t.eval_iters * self.global_batch if t.eval_interval else 0
         self.train_data, self.valid_data = data_lib.build_datasets(
-            job, self.seq_length, self.preset.vocab_size, t.steps * self.global_batch, num_valid
+            resolved, t.steps * self.global_batch, num_valid
         )
         self.train_iters = self._iterators(self.train_data, self.consumed_samples)
 
         # Metrics.
-        arch = job.architecture()
-        self.flops_per_step = self.global_batch * training_flops_per_sequence(
-            num_layers=arch["num_layers"],
-            hidden_size=arch["hidden_size"],
-            num_heads=arch["num_attention_heads"],
-            kv_heads=arch["num_query_groups"] or arch["num_attention_heads"],
-            ffn_hidden_size=arch["ffn_hidden_size"] or 4 * arch["hidden_size"],
-            vocab_size=self.preset.padded_vocab_size(job.parallel.tensor_model_parallel_size),
-            seq_length=self.seq_length,
-            patterns=list(zip(arch["segment_lengths"], arch["dilation_rates"])),
+        self.flops_per_step = self.global_batch * preset_training_flops(
+            self.preset, vocab_size=resolved.padded_vocab_size()
         )
         self.peak_tflops = peak_tflops(job.logging.peak_tflops)
-        self.metrics = MetricsWriter(job.run_dir, job.logging.tensorboard, self.is_logging_rank)
+        self.metrics = MetricsWriter(
+            job.run_dir, job.logging.tensorboard, self.is_logging_rank, resume_step=self.step
+        )
         self.signals = ExitSignals().install() if t.exit_signal_handling else None
         self.history: list[dict[str, Any]] = []  # every step's record, on every rank (tests read it)
         self._write_run_files()
@@ -156,8 +163,6 @@ class Trainer:
     # ------------------------------------------------------------------ setup helpers
 
     def _seed(self, seed: int) -> None:
-        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
@@ -177,49 +182,33 @@ class Trainer:
             for _ in self.chunks
         ]
 
-    def checkpoint_metadata(self) -> dict[str, Any]:
-        """What the exporter needs besides the tensors (also written to the run directory)."""
-        import megatron.core
+    def _resume_point(self) -> Path | None:
+        """The checkpoint to resume from: ``checkpoint.load``, else the newest complete one of the
+        checkpoint directory (``latest`` unless it is broken: :func:`resume_checkpoint`), decided on
+        rank 0 and shared, so every rank loads the same one."""
+        ckpt = self.job.checkpoint
+        choice: list[Any] = [None]
+        if self.rank == 0:
+            if ckpt.load:
+                choice[0] = str(find_checkpoint(ckpt.load))
+            elif ckpt.resume:
+                found = resume_checkpoint(self.job.checkpoint_dir)
+                choice[0] = str(found) if found else None
+        dist.broadcast_object_list(choice, src=0)
+        return Path(choice[0]) if choice[0] else None
 
-        p = self.job.parallel
-        return {
-            "format": "megatron.core.dist_checkpointing",
-            "megatron_core": megatron.core.__version__,
-            "config": self.job.to_dict(),
-            "tokenizer": self.tokenizer,
-            "model": {
-                "preset": self.job.model.preset,
-                **self.job.architecture(),
-                "seq_length": self.seq_length,
-                "vocab_size": self.preset.vocab_size,
-                "padded_vocab_size": self.preset.padded_vocab_size(p.tensor_model_parallel_size),
-                "tie_embeddings": self.preset.tie_embeddings,
-                "rotary_base": self.preset.rotary_base,
-                "dilated_attention": self.model_config.dilated_patterns_dict(),
-            },
-            "parallel": {
-                "tensor": p.tensor_model_parallel_size,
-                "pipeline": p.pipeline_model_parallel_size,
-                "virtual_pipeline": p.virtual_pipeline_model_parallel_size,
-                "context": p.context_parallel_size,
-                "data": self.dp_size,
-            },
-        }
+    def run_metadata(self) -> dict[str, Any]:
+        """The run directory's ``run.json``: the model record and the resolved job."""
+        return {"longnet_model": self.record, "job": self.job.to_dict(), "world_size": self.world_size}
 
     def _write_run_files(self) -> None:
         if not self.is_logging_rank:
             return
-        import json
-
         os.makedirs(self.job.run_dir, exist_ok=True)
         dump_config(self.job, os.path.join(self.job.run_dir, "config.yaml"))
-        with open(os.path.join(self.job.run_dir, "run.json"), "w") as f:
-            json.dump(self.checkpoint_metadata(), f, indent=2)
-
-    def _uses_te(self) -> bool:
-        from longnet_megatron.model.specs import transformer_engine_available
-
-        return self.job.model.use_te if self.job.model.use_te is not None else transformer_engine_available()
+        write_atomic(
+            os.path.join(self.job.run_dir, "run.json"), json.dumps(self.run_metadata(), indent=2) + "\n"
+        )
 
     def _log_setup(self) -> None:
         p, t = self.job.parallel, self.job.train
@@ -244,7 +233,7 @@ class Trainer:
             self.dp_size,
             t.precision,
             self.device.type,
-            "Transformer Engine" if self._uses_te() else "Megatron local",
+            "Transformer Engine" if uses_transformer_engine(self.resolved) else "Megatron local",
             self.job.model.attention_backend,
             f"in chunks of {chunk} tokens" if chunk else "plain",
             self.job.run_dir,
@@ -263,9 +252,6 @@ class Trainer:
 
     def _forward_backward(self, iterators: list, forward_only: bool) -> tuple[float, float]:
         """One global batch through Megatron's schedule; (summed token loss, token count) of all replicas."""
-        from megatron.core import parallel_state as ps
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         reports = get_forward_backward_func()(
             forward_step_func=self._forward_step,
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
@@ -323,17 +309,16 @@ class Trainer:
             self.optimizer,
             self.scheduler,
             {"step": self.step, "consumed_samples": self.consumed_samples},
-            self.checkpoint_metadata(),
+            self.record,
+            self.job.to_dict(),
         )
         log.info("saved checkpoint %s", path)
         return path
 
     def _init_weights_from(self, path: str) -> None:
         """Load model weights saved in any parallel layout; the optimizer's main params follow them."""
-        from longnet_megatron.export.checkpoint_io import find_checkpoint, load_weights
-        from longnet_megatron.train.model import unwrap
-
         ckpt = find_checkpoint(path)
+        open_checkpoint(ckpt)
         load_weights(unwrap(self.chunks), ckpt)
         self.optimizer.reload_model_params()
         log.info("initialised weights from %s (optimizer, scheduler and data start fresh)", ckpt)

@@ -23,14 +23,14 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing import ShardedTensor
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from longnet_megatron.export.architecture import model_record
-from longnet_megatron.export.checkpoint_io import (
+from longnet_megatron.checkpoint import CheckpointError, find_checkpoint
+from longnet_megatron.checkpoint.record import model_record, read_record
+from longnet_megatron.checkpoint.weights import (
     build_models,
-    find_checkpoint,
+    load_full_model,
     load_weights,
     padded_vocab_size,
-    read_record,
-    save_checkpoint,
+    save_weights,
 )
 from longnet_megatron.model import build_longnet_gpt, get_preset, make_longnet_config
 from longnet_megatron.testing import ParallelLayout, initialize_megatron_parallel
@@ -148,9 +148,7 @@ def save_case(name: str, root: Path) -> dict:
     )
     randomize(model)
     _, logits = schedule([model], [tokens(0)], forward_only=True)
-    save_checkpoint(
-        [model], root / name / "checkpoints", model_record(preset, config, TOKENIZER), iteration=7
-    )
+    save_weights([model], root / name / "checkpoints", model_record(preset, config, TOKENIZER), step=7)
     return {"logits": logits[0] if logits else None}
 
 
@@ -173,7 +171,7 @@ def saving_worker(root: str) -> dict:
     out["pp2"] = save_case("pp2", root)
     from longnet_megatron.export.reshard import reshard_here
 
-    resharded = reshard_here(root / "tp2", root / "tp2_as_pp2")
+    resharded = reshard_here(find_checkpoint(root / "tp2"), root / "tp2_as_pp2", 7)
     models = build_models(read_record(resharded), padded_vocab_size(resharded))
     load_weights(models, resharded)
     out["resharded"] = {"path": str(resharded), "train": train(models)}
@@ -185,10 +183,9 @@ def saving_worker(root: str) -> dict:
 
 
 def _full_state(path: Path) -> dict[str, torch.Tensor]:
-    from longnet_megatron.export.checkpoint_io import load_full_model
     from longnet_megatron.model.state_dict import tensors_only
 
-    model, _, _ = load_full_model(path)
+    model, _ = load_full_model(find_checkpoint(path))
     return {k: v.clone() for k, v in tensors_only(model.state_dict()).items()}
 
 
@@ -270,7 +267,6 @@ def conversion_worker(root: str) -> dict:
     from click.testing import CliRunner
 
     from longnet_megatron.export.cli import main as cli
-    from longnet_megatron.export.errors import ConversionError
     from longnet_megatron.export.megatron_to_hf import export_to_hf
 
     root = Path(root)
@@ -308,7 +304,7 @@ def conversion_worker(root: str) -> dict:
         try:
             export_to_hf(path, root / "bad_out" / name)
             errors[name] = ("no error", "")
-        except ConversionError as e:
+        except CheckpointError as e:
             errors[name] = (e.kind, str(e))
     out["errors"] = errors
     result = CliRunner().invoke(

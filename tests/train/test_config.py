@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from longnet_megatron.train.config import ConfigError, JobConfig, load_config
+from longnet_megatron.train.job import resolve_job
 from tests.train.conftest import REPO
 from tests.train.launching import launch_env, train_command
 
@@ -31,8 +32,7 @@ def test_overrides_are_typed_and_applied_in_order(packed_prefix):
     )
     assert cfg.optim.lr == 3e-4 and cfg.train.steps == 90 and cfg.model.use_te is None
     assert cfg.model.segment_lengths == [32, 64] and cfg.data.weights == [1.0]
-    cfg.validate(world_size=1)
-    assert cfg.seq_length() == 128  # from the packed data
+    assert resolve_job(cfg, world_size=1).seq_length == 128  # from the packed data
 
 
 @pytest.mark.parametrize(
@@ -95,7 +95,7 @@ def test_overrides_are_typed_and_applied_in_order(packed_prefix):
 )
 def test_bad_configs_name_the_key(packed_prefix, overrides, world, message):
     with pytest.raises(ConfigError) as err:
-        job(packed_prefix, *overrides).validate(world_size=world)
+        resolve_job(job(packed_prefix, *overrides), world_size=world)
     assert message in str(err.value)
 
 
@@ -131,10 +131,11 @@ def test_bad_overrides_name_the_key(override, message):
     ],
 )
 def test_loss_chunk_tokens_resolves_automatically_by_logits_size(overrides, expected):
-    from longnet_megatron.train.model import loss_chunk_tokens, resolve_preset
+    from longnet_megatron.train.model import loss_chunk_tokens
 
     cfg = load_config(None, ["data.synthetic=true", *overrides])
-    assert loss_chunk_tokens(cfg, resolve_preset(cfg, None)) == expected
+    world = cfg.layout.model_parallel_size()  # one model replica
+    assert loss_chunk_tokens(resolve_job(cfg, world_size=world)) == expected
 
 
 def test_bad_yaml_names_the_key(tmp_path):
@@ -185,18 +186,20 @@ def test_cli_rejects_a_bad_config_before_starting(packed_prefix):
 )
 def test_document_masking_needs_documents(overrides, message):
     with pytest.raises(ConfigError) as err:
-        load_config(TINY, overrides).validate(world_size=1)
+        resolve_job(load_config(TINY, overrides), world_size=1)
     assert message in str(err.value)
 
 
 def test_document_masking_needs_end_of_document_tokens(packed_prefix, tmp_path):
-    """Packed data whose split names no end-of-document token is refused before any work."""
+    """Packed data whose train split names no end-of-document token is refused before any work."""
+    import glob
     import json
     import shutil
 
     prefix = str(tmp_path / "packed")
-    for path in [packed_prefix + ".pack.json", packed_prefix + "_train.meta.json"]:
-        shutil.copy(path, path.replace(packed_prefix, prefix))
+    for path in glob.glob(packed_prefix + "*"):
+        if os.path.isfile(path):
+            shutil.copy(path, path.replace(packed_prefix, prefix))
     meta = prefix + "_train.meta.json"
     with open(meta) as f:
         content = json.load(f)
@@ -206,8 +209,9 @@ def test_document_masking_needs_end_of_document_tokens(packed_prefix, tmp_path):
     with pytest.raises(
         ConfigError, match=r"data.document_masking=true needs end-of-document tokens, and data.prefixes\[0\]"
     ):
-        job(prefix, "data.document_masking=true").validate(world_size=1)
-    job(packed_prefix, "data.document_masking=true", "data.reset_position_ids=true").validate(world_size=1)
-    load_config(
-        TINY, ["data.synthetic=true", "data.document_masking=true", "data.synthetic_document_length=40"]
-    ).validate(world_size=1)
+        resolve_job(job(prefix, "data.document_masking=true"), world_size=1)
+    resolve_job(
+        job(packed_prefix, "data.document_masking=true", "data.reset_position_ids=true"), world_size=1
+    )
+    synthetic = ["data.synthetic=true", "data.document_masking=true", "data.synthetic_document_length=40"]
+    resolve_job(load_config(TINY, synthetic), world_size=1)

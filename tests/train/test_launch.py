@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
+from longnet_megatron.checkpoint import find_checkpoint
 from longnet_megatron.parallel.layout import free_port
-from longnet_megatron.train.checkpoint import latest_checkpoint
 from tests.train.conftest import REPO
 from tests.train.launching import launch_env, read_metrics, wait_for_step
 
@@ -111,7 +111,7 @@ def test_pretrain_sh_checkpoints_on_usr1_requeues_and_resumes(packed_prefix, fak
     assert "requeueing job 4242" in out
     assert (fake_slurm / "requeued").read_text().split() == ["4242"]
     stopped_at = read_metrics(run_dir)[-1]["step"]
-    assert latest_checkpoint(os.path.join(run_dir, "checkpoints")).endswith(f"iter_{stopped_at:07d}")
+    assert str(find_checkpoint(os.path.join(run_dir, "checkpoints"))).endswith(f"iter_{stopped_at:07d}")
 
     # The requeued job (same id, same run directory) resumes where the first one stopped.
     env["MASTER_PORT"] = str(free_port())
@@ -127,7 +127,7 @@ def test_pretrain_sh_checkpoints_on_usr1_requeues_and_resumes(packed_prefix, fak
     assert rerun.returncode == 0, rerun.stdout[-3000:]
     steps = [r["step"] for r in read_metrics(run_dir)]
     assert steps == list(range(1, stopped_at + 3))
-    assert latest_checkpoint(os.path.join(run_dir, "checkpoints")).endswith(f"iter_{stopped_at + 2:07d}")
+    assert str(find_checkpoint(os.path.join(run_dir, "checkpoints"))).endswith(f"iter_{stopped_at + 2:07d}")
 
 
 def test_pretrain_sh_refuses_to_run_outside_slurm(tmp_path):

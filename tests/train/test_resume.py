@@ -8,7 +8,8 @@ import subprocess
 
 import pytest
 
-from longnet_megatron.train.checkpoint import latest_checkpoint, read_metadata
+from longnet_megatron.checkpoint import find_checkpoint
+from longnet_megatron.checkpoint.record import read_metadata
 from longnet_megatron.train.signals import REQUEUE_EXIT_CODE
 from tests.train.launching import launch_env, read_metrics, train_command, wait_for_step
 
@@ -57,11 +58,12 @@ def test_sigterm_checkpoint_and_resume_reproduce_the_uninterrupted_run(packed_pr
     assert interrupted.returncode == REQUEUE_EXIT_CODE, err[-3000:]
     stopped_at = read_metrics(resumed_dir)[-1]["step"]
     assert 8 <= stopped_at < STEPS, "the signal came too late to test a resume"
-    checkpoint = latest_checkpoint(os.path.join(resumed_dir, "checkpoints"))
-    assert checkpoint.endswith(f"iter_{stopped_at:07d}")
+    checkpoint = find_checkpoint(os.path.join(resumed_dir, "checkpoints"))
+    assert checkpoint.name == f"iter_{stopped_at:07d}"
     meta = read_metadata(checkpoint)
-    assert meta["step"] == stopped_at and meta["tokenizer"] == {"kind": "bytes"}
-    assert meta["model"]["dilated_attention"]["per_layer"]
+    assert meta["step"] == stopped_at and not meta["weights_only"]
+    assert meta["longnet_model"]["tokenizer"] == {"kind": "bytes"}
+    assert meta["job"]["train"]["steps"] == STEPS
 
     # The same command again resumes from `latest` and finishes the run.
     resumed = subprocess.run(
@@ -79,7 +81,7 @@ def test_sigterm_checkpoint_and_resume_reproduce_the_uninterrupted_run(packed_pr
     got = [(r["step"], r["loss"], r["lr"]) for r in read_metrics(resumed_dir)]
     assert [s for s, _, _ in got] == list(range(1, STEPS + 1))
     assert got == want  # bit-identical: weights, Adam moments, schedule, RNG and data position restored
-    assert latest_checkpoint(os.path.join(resumed_dir, "checkpoints")).endswith(f"iter_{STEPS:07d}")
+    assert str(find_checkpoint(os.path.join(resumed_dir, "checkpoints"))).endswith(f"iter_{STEPS:07d}")
     assert sorted(os.listdir(os.path.join(resumed_dir, "checkpoints"))) == [
         "iter_0000020",
         "latest",

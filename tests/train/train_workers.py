@@ -11,6 +11,8 @@ import os
 import torch
 
 from longnet_megatron.train.config import load_config
+from longnet_megatron.train.distributed import world_from_env
+from longnet_megatron.train.job import resolve_job
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(REPO, "configs", "tiny_cpu.yaml")
@@ -56,7 +58,9 @@ def _load_full_state(full: dict[str, torch.Tensor], models: list[torch.nn.Module
 def train(overrides: list[str], init_weights=None) -> list[float]:
     from longnet_megatron.train.trainer import Trainer
 
-    trainer = Trainer(load_config(TINY, overrides), init_weights=init_weights)
+    trainer = Trainer(
+        resolve_job(load_config(TINY, overrides), world_from_env().world_size), init_weights=init_weights
+    )
     trainer.train()
     trainer.close()
     return [r["loss"] for r in trainer.history]
@@ -112,8 +116,7 @@ def blend_worker(prefix: str, cache_dir: str) -> dict:
     job = load_config(
         TINY, [f"data.prefixes=[{prefix},{prefix}]", "data.weights=[3,1]", f"data.cache_dir={cache_dir}"]
     )
-    job.validate(world_size=1)
-    train, valid = data_lib.build_datasets(job, 128, 257, num_train_samples=40, num_valid_samples=4)
+    train, valid = data_lib.build_datasets(resolve_job(job, 1), num_train_samples=40, num_valid_samples=4)
     return {"train_len": len(train), "valid": valid is not None, "sample": train[0]}
 
 
@@ -130,8 +133,7 @@ def documents_worker(prefix: str, cache_dir: str) -> dict:
         [f"data.prefixes=[{prefix}]", f"data.cache_dir={cache_dir}", "data.document_masking=true",
          "data.reset_position_ids=true"],
     )  # fmt: skip
-    job.validate(world_size=1)
-    train, _ = data_lib.build_datasets(job, 128, 257, num_train_samples=40, num_valid_samples=4)
+    train, _ = data_lib.build_datasets(resolve_job(job, 1), num_train_samples=40, num_valid_samples=4)
     bounds = IndexedDataset(boundaries_prefix(split_prefix(prefix, "train")))
     mismatch, boundaries = [], 0
     for i in range(len(train)):
