@@ -86,6 +86,8 @@ class Trainer:
             raise ValueError(
                 f"the job was resolved for {resolved.world_size} ranks, this world has {world.world_size}"
             )
+        # Before anything starts: every thread and process started from here on inherits them blocked.
+        self.signals = ExitSignals().install() if job.train.exit_signal_handling else None
         self.device = init_distributed(job, world)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.is_logging_rank = self.rank == 0
@@ -155,7 +157,6 @@ class Trainer:
         self.metrics = MetricsWriter(
             job.run_dir, job.logging.tensorboard, self.is_logging_rank, resume_step=self.step
         )
-        self.signals = ExitSignals().install() if t.exit_signal_handling else None
         self.history: list[dict[str, Any]] = []  # every step's record, on every rank (tests read it)
         self._write_run_files()
         self._log_setup()
@@ -331,6 +332,15 @@ class Trainer:
         window_start = time.perf_counter()
         last_saved = self.step if self.step else None
         exit_code = 0
+        if self.signals is not None and self.signals.any_rank_received(self.device):
+            log.warning(
+                "exit signal (%s) during start-up: step %d is what is on disk; exit %d for requeue",
+                self.signals.received or "on another rank",
+                self.step,
+                REQUEUE_EXIT_CODE,
+            )
+            self.metrics.close()
+            return REQUEUE_EXIT_CODE
         for chunk in self.chunks:
             chunk.train()
         while self.step < t.steps:
