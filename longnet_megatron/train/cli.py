@@ -40,6 +40,7 @@ def main(config, overrides, check, print_config) -> None:
     quiet_third_party_warnings()
     from longnet_megatron.train.distributed import shutdown_distributed, world_from_env
     from longnet_megatron.train.job import resolve_job
+    from longnet_megatron.train.reaper import start_reaper
     from longnet_megatron.train.trainer import Trainer
 
     world = world_from_env()
@@ -60,6 +61,7 @@ def main(config, overrides, check, print_config) -> None:
         click.echo(f"configuration OK for {world.world_size} rank(s)")
         return
 
+    start_reaper()  # helpers the trainer starts die with it, even on kill -9
     try:
         trainer = Trainer(resolved, world)
         code = trainer.train()

@@ -175,3 +175,33 @@ def test_start_up_signal_and_failed_exit_checkpoint_lose_nothing(packed_prefix, 
     assert line.startswith("longnet-train: cannot save:") and "Broken pipe" in line, line
     assert sorted(os.listdir(checkpoints)) == ["iter_0000002", "latest"]
     assert find_checkpoint(checkpoints).name == "iter_0000002"
+
+
+def test_helpers_die_with_a_trainer_killed_outright(packed_prefix, tmp_path):
+    """kill -9 gives the trainer no chance to clean up; its watchdog ends Megatron's helper processes."""
+    import time
+
+    import psutil
+
+    from tests.train.launching import launch_env, quick_run, read_metrics
+
+    run_dir = tmp_path / "run"
+    trainer = subprocess.Popen(
+        quick_run(packed_prefix, str(run_dir), "train.steps=500", "checkpoint.interval=1"),
+        env=launch_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not (run_dir / "checkpoints" / "latest").exists() or len(read_metrics(str(run_dir))) < 2:
+            assert trainer.poll() is None and time.monotonic() < deadline, "the run did not save"
+            time.sleep(0.2)
+        time.sleep(1.5)  # the watchdog notes the trainer's descendants every second
+        helpers = psutil.Process(trainer.pid).children(recursive=True)
+        assert len(helpers) >= 2, helpers  # the watchdog and Megatron's checkpoint Manager at least
+    finally:
+        trainer.kill()
+        trainer.wait()
+    gone, alive = psutil.wait_procs(helpers, timeout=15)
+    assert not alive, f"helpers outlived the trainer: {[p.cmdline()[:3] for p in alive]}"
