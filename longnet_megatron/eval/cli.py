@@ -10,6 +10,7 @@ it with --tp/--pp/--cp under torchrun), or a folder exported by ``longnet-conver
 
 from __future__ import annotations
 
+import shlex
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -154,12 +155,30 @@ def _scorer(kwargs: dict[str, Any]):
     return load_scorer(kwargs.pop("model"), options)
 
 
+def command_line(ctx: click.Context) -> str:
+    """The command as given: ``longnet-eval SUBCOMMAND`` with the arguments and non-default options."""
+    words = ["longnet-eval", ctx.info_name]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or ctx.get_parameter_source(param.name) == click.core.ParameterSource.DEFAULT:
+            continue
+        if isinstance(value, (list, tuple)):
+            value = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+        if isinstance(param, click.Argument):
+            words.append(str(value))
+        elif param.is_flag:
+            words.append(param.opts[0])
+        else:
+            words += [param.opts[0], str(value)]
+    return shlex.join(words)
+
+
 def _finish(result: dict[str, Any], out: str, summary: str) -> None:
     from longnet_megatron.eval.report import run_info, write_result
 
     if not _is_main():
         return
-    result["run"] = run_info()
+    result["run"] = run_info(command_line(click.get_current_context()))
     paths = write_result(result, out)
     click.echo(summary)
     click.echo("wrote " + ", ".join(str(p) for p in paths))

@@ -7,8 +7,8 @@ The prompt (Mohtashami & Jaggi 2023, "Landmark Attention", as LongNet-style eval
 built in token space from separately tokenized pieces: length + 1 tokens, so the model reads exactly
 ``length`` of them (the answer's last token is only a label), and the needle starts exactly ``round(depth * filler tokens)`` filler tokens after the intro (depth 0:
 right after the intro, the farthest from the question; 1: right before it). The pieces start with a
-space and end at a word or a full stop, so the concatenation is what tokenizing the decoded text
-gives (tests check the round trip). The answer is scored from one forward pass: the key's log-
+space and end at a word or a full stop, and each filler run starts at a sentence, so the
+concatenation is what tokenizing the decoded text gives (tests check the round trip). The answer is scored from one forward pass: the key's log-
 probability (the sum over its tokens) and greedy exact match (every answer token is the argmax given
 the prompt and the key's earlier tokens: exactly what greedy decoding would produce).
 """
@@ -18,14 +18,16 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from longnet_megatron.eval.errors import EvalError
-from longnet_megatron.eval.scoring import BaseScorer
+
+if TYPE_CHECKING:  # the prompt builder stays light (tools/eval_experiment.py writes training documents)
+    from longnet_megatron.eval.scoring import BaseScorer
 
 INTRO = (
     "There is an important piece of information hidden inside a lot of irrelevant text. "
@@ -84,7 +86,9 @@ def build_passkey(tokenizer: Any, length: int, depth: float, key: str) -> Passke
     unit = list(tokenizer.encode(FILLER))
     filler = (unit * (fill // len(unit) + 1))[:fill]
     before = round(depth * fill)
-    tokens = intro + filler[:before] + needle + filler[before:] + question + answer
+    # Both filler runs start at a sentence: a run cut mid-sentence after the needle could begin with a
+    # "." that tokenizes together with the needle's last "." once decoded.
+    tokens = intro + filler[:before] + needle + filler[: fill - before] + question + answer
     return PasskeyPrompt(
         tokens=tokens,
         key=key,

@@ -82,7 +82,7 @@ def evaluate_perplexity(
     """Loss by context and by position over the first ``sequences`` sequences of ``prefix``'s split."""
     data = open_data(prefix, split, scorer)
     length = data.seq_length
-    contexts = sorted(contexts) if contexts else default_contexts(length, scorer.cp_size)
+    contexts = sorted(set(contexts)) if contexts else default_contexts(length, scorer.cp_size)
     check_contexts(contexts, data, scorer.cp_size)
     if sequences < 1:
         raise EvalError(f"--sequences {sequences} must be >= 1")

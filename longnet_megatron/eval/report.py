@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +19,12 @@ from longnet_megatron.eval.errors import EvalError
 from longnet_megatron.train.position_loss import bucket_label
 
 
-def run_info(argv: list[str] | None = None) -> dict[str, Any]:
+def run_info(command: str) -> dict[str, Any]:
     """The command, date and software versions of this evaluation."""
     import megatron.core
 
-    argv = sys.argv if argv is None else argv
     return {
-        "command": "longnet-eval " + shlex.join(argv[1:]),
+        "command": command,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "megatron_core": megatron.core.__version__,
