@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from longnet_megatron.eval.scoring import DEFAULT_CHUNK_TOKENS, BaseScorer, Mode
 from longnet_megatron.export.plain import CONFIG_FILE, LongNetArgs, LongNetForCausalLM
 from longnet_megatron.export.tokenizer_files import load_tokenizer
 from longnet_megatron.parallel.layout import ParallelLayout, initialize_megatron_parallel
-from longnet_megatron.train.distributed import setup_device, world_from_env
+from longnet_megatron.train.distributed import start_process_group, world_from_env
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -152,16 +151,7 @@ def init_parallel(layout: ParallelLayout) -> torch.device:
             f"--tp {layout.tp} x --pp {layout.pp} x --cp {layout.cp} needs {ranks} processes, "
             f"{world.world_size} run: launch with torchrun --nproc-per-node {ranks} (one model replica)"
         )
-    device = setup_device()
-    if not dist.is_initialized():
-        dist.init_process_group(
-            backend="nccl" if device.type == "cuda" else "gloo",
-            init_method=f"tcp://{world.master_addr}:{world.master_port}",
-            rank=world.rank,
-            world_size=world.world_size,
-            timeout=timedelta(minutes=30),
-            **({"device_id": device} if device.type == "cuda" else {}),
-        )
+    device = start_process_group(world, timeout_minutes=30)
     from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():

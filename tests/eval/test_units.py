@@ -23,9 +23,10 @@ from longnet_megatron.eval.passkey import (
 )
 from longnet_megatron.eval.perplexity import default_contexts, evaluate_perplexity
 from longnet_megatron.eval.scoring import BaseScorer, ModelShape, PlainScorer, Scores
-from longnet_megatron.export.plain import LongNetArgs, LongNetForCausalLM
+from longnet_megatron.export.plain import LongNetForCausalLM
 from longnet_megatron.train.position_loss import bucket_label, bucket_means, bucket_sums, position_edges
 
+from ..export.test_plain_model import small_args
 from .eval_workers import SEQ
 
 
@@ -56,17 +57,11 @@ def test_bucket_sums_match_a_loop():
 def _tiny_plain_model(seed: int = 0) -> LongNetForCausalLM:
     torch.manual_seed(seed)
     patterns = DilatedAttentionConfig((16, 32, 64), (1, 2, 4)).to_dict()
-    args = LongNetArgs(
+    args = small_args(
         vocab_size=320,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
+        tokenizer_vocab_size=257,
         dilated_attention=[patterns, patterns],
         max_position_embeddings=SEQ,
-        tokenizer_vocab_size=257,
         attention_backend="reference",
     )
     model = LongNetForCausalLM(args).double().eval()
