@@ -47,6 +47,7 @@ from longnet_megatron.train.model import (
     uses_transformer_engine,
 )
 from longnet_megatron.train.optim import build_optimizer, build_scheduler
+from longnet_megatron.train.position_loss import PositionEvaluator, packed_split_for
 from longnet_megatron.train.signals import REQUEUE_EXIT_CODE, ExitSignals
 
 log = logging.getLogger("longnet_megatron.train")
@@ -148,6 +149,7 @@ class Trainer:
             resolved, t.steps * self.global_batch, num_valid
         )
         self.train_iters = self._iterators(self.train_data, self.consumed_samples)
+        self.position_eval = self._position_evaluator()
 
         # Metrics.
         self.flops_per_step = self.global_batch * preset_training_flops(
@@ -182,6 +184,15 @@ class Trainer:
             )
             for _ in self.chunks
         ]
+
+    def _position_evaluator(self) -> PositionEvaluator | None:
+        """The ``eval`` section's evaluator (None when ``eval.interval`` is 0)."""
+        e = self.job.eval
+        if not e.interval:
+            return None
+        prefix = e.prefix or self.job.data.prefixes[0]
+        data = packed_split_for(prefix, e.split, self.seq_length, self.resolved.tokenizer)
+        return PositionEvaluator(data, e.sequences, self.seq_length)
 
     def _resume_point(self) -> Path | None:
         """The checkpoint to resume from: ``checkpoint.load``, else the newest complete one of the
@@ -374,11 +385,15 @@ class Trainer:
                 )
                 window, window_start = [], time.perf_counter()
 
+            paused = time.perf_counter()  # validation time is not step time: the window skips it
             if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps):
                 result = self.evaluate()
                 if result is not None:
                     self.metrics.write({"kind": "valid", "step": self.step, **result})
-                window_start = time.perf_counter()  # validation time is not step time
+            if job.eval.interval and (self.step % job.eval.interval == 0 or self.step == t.steps):
+                result = self.position_eval.evaluate(self.chunks, self.device)
+                self.metrics.write({"kind": "eval", "step": self.step, **result})
+            window_start += time.perf_counter() - paused
 
             if self.signals is not None and self.signals.any_rank_received(self.device):
                 log.warning(
@@ -391,9 +406,10 @@ class Trainer:
                 exit_code = REQUEUE_EXIT_CODE
                 break
             if ckpt_interval and self.step % ckpt_interval == 0 and self.step < t.steps:
+                paused = time.perf_counter()
                 self.save()
                 last_saved = self.step
-                window_start = time.perf_counter()
+                window_start += time.perf_counter() - paused
         else:
             if job.checkpoint.save_at_end and last_saved != self.step:
                 self.save()

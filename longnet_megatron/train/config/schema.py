@@ -86,6 +86,16 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Periodic loss by token position (log-spaced buckets) on held-out packed sequences."""
+
+    interval: int = 0  # steps between evaluations (and at the end); 0: never
+    sequences: int = 4  # the first N sequences of the split, shared over data-parallel replicas
+    prefix: str | None = None  # a `longnet-prep pack` prefix at the model's L; None: data.prefixes[0]
+    split: str = "valid"  # train, valid or test
+
+
+@dataclass
 class OptimConfig:
     """Adam(W) through Megatron's get_megatron_optimizer, lr by Megatron's OptimizerParamScheduler."""
 
@@ -150,6 +160,7 @@ class JobConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -11,6 +11,7 @@ import math
 import os
 from typing import Any
 
+from data_prep.pack import SPLITS, summary_path
 from longnet_megatron.attention import DilatedAttentionConfig
 from longnet_megatron.attention.backends import WHOLE_FUNCTION_BACKENDS, backend_names
 from longnet_megatron.model.presets import PRESETS, LongNetPreset
@@ -31,10 +32,12 @@ _POSITIVE = (
     "train.global_batch_size",
     "model.recompute_num_layers",
     "logging.interval",
+    "eval.sequences",
 )
 _NON_NEGATIVE = (
     "train.eval_interval",
     "train.eval_iters",
+    "eval.interval",
     "checkpoint.interval",
     "checkpoint.keep_last",
     "optim.warmup_steps",
@@ -95,6 +98,13 @@ def validate_job(job: JobConfig, preset: LongNetPreset) -> None:
             "data.prefixes is empty: give the output prefix of `longnet-prep pack` "
             "(or data.synthetic=true for a throughput run on random tokens)"
         )
+    if job.eval.interval and job.eval.prefix and not os.path.exists(summary_path(job.eval.prefix)):
+        raise ConfigError(
+            f"eval.prefix={job.eval.prefix}: {summary_path(job.eval.prefix)} does not exist; give the "
+            "output prefix of `longnet-prep pack`"
+        )
+    if job.eval.interval and job.data.synthetic and not job.eval.prefix:
+        raise ConfigError("eval.interval needs eval.prefix with data.synthetic=true (no held-out data)")
     d = job.data
     if d.weights is not None:
         if len(d.weights) != len(d.prefixes):
@@ -114,6 +124,7 @@ def _validate_values(job: JobConfig) -> None:
     choice("train.precision", t.precision, PRECISIONS)
     choice("optim.decay_style", o.decay_style, DECAY_STYLES)
     choice("checkpoint.optimizer_sharding", c.optimizer_sharding, OPTIMIZER_SHARDING)
+    choice("eval.split", job.eval.split, SPLITS)
     for key in _POSITIVE:
         positive(key, job.get(key))
     for key in _NON_NEGATIVE:
