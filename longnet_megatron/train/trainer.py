@@ -38,10 +38,13 @@ from longnet_megatron.checkpoint.weights import load_weights, open_checkpoint
 from longnet_megatron.train import data as data_lib
 from longnet_megatron.train.config import dump_config
 from longnet_megatron.train.distributed import World, init_distributed, world_from_env
+from longnet_megatron.train.fp8 import check_fp8_device
 from longnet_megatron.train.job import ResolvedJob
+from longnet_megatron.train.memory_plan import device_memory_bytes, plan_for_job
 from longnet_megatron.train.metrics import MetricsWriter, memory_gib, peak_tflops, preset_training_flops
 from longnet_megatron.train.model import (
     build_model_chunks,
+    loss_chunk_tokens,
     transformer_config,
     unwrap,
     uses_transformer_engine,
@@ -86,6 +89,7 @@ class Trainer:
             raise ValueError(
                 f"the job was resolved for {resolved.world_size} ranks, this world has {world.world_size}"
             )
+        check_fp8_device(job.model)
         self.device = init_distributed(job, world)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.is_logging_rank = self.rank == 0
@@ -94,7 +98,11 @@ class Trainer:
 
         # Model: this rank's pipeline chunks, DDP-wrapped; its record goes into every checkpoint.
         self.preset, self.seq_length = resolved.preset, resolved.seq_length
-        self.model_config = transformer_config(resolved, config_overrides)
+        self.memory_plan = plan_for_job(
+            resolved, loss_chunk_tokens(resolved), device_memory_bytes(self.device)
+        )
+        (log.info if self.memory_plan.fits else log.warning)("memory plan: %s", self.memory_plan.describe())
+        self.model_config = transformer_config(resolved, config_overrides, self.memory_plan.recompute)
         self.chunks = build_model_chunks(resolved, self.model_config, self.device, layer_spec)
         self.record = model_record(self.preset, self.model_config, resolved.tokenizer)
         if init_weights is not None:
