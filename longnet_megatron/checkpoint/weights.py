@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,10 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing import ShardedTensor
 from megatron.core.dist_checkpointing.dict_utils import nested_values
+from torch.distributed.checkpoint.api import CheckpointException
 
-from longnet_megatron.checkpoint.errors import CheckpointError
+from longnet_megatron.checkpoint.async_save import AsyncSaves, PendingSave
+from longnet_megatron.checkpoint.errors import CheckpointError, describe_error
 from longnet_megatron.checkpoint.files import TMP_SUFFIX, checkpoint_name, write_latest
 from longnet_megatron.checkpoint.record import (
     RECORD_KEY,
@@ -152,14 +155,25 @@ def load_weights(models: list[torch.nn.Module], ckpt: Path) -> None:
 
 
 def save_dist_checkpoint(
-    state: dict[str, Any], directory: Path, step: int, meta: dict[str, Any], *, overwrite: bool
+    state: dict[str, Any],
+    directory: Path,
+    step: int,
+    meta: dict[str, Any],
+    *,
+    overwrite: bool,
+    async_saves: AsyncSaves | None = None,
+    on_commit: Callable[[Path], None] | None = None,
 ) -> Path:
     """Save ``state`` (collective) as ``directory/iter_<step>`` with ``meta`` as its longnet.json.
 
     Written into ``iter_<step>.tmp`` and renamed only when every rank has finished, then ``latest``
-    moves to it: a save that fails or is killed leaves the previous ``latest`` intact. A failure
-    (disk full, permissions) removes the partial save and raises a one-line ``unwritable``
-    :class:`CheckpointError`; on every rank, since the ranks agree on success before the rename.
+    moves to it and ``on_commit(final)`` runs on every rank: a save that fails or is killed leaves the
+    previous ``latest`` intact. A failure (disk full, permissions) removes the partial save and raises a
+    one-line ``unwritable`` :class:`CheckpointError`; on every rank, since the ranks agree on success
+    before the rename.
+
+    async_saves: write the shards in the background (:mod:`.async_save`); the rename, ``latest`` and
+    ``on_commit`` then happen in ``async_saves.finalize`` once every rank's write completed.
     """
     directory = Path(directory)
     final = directory / checkpoint_name(step)
@@ -179,41 +193,47 @@ def save_dist_checkpoint(
             error = e
     _agree(error)
     try:
-        dist_checkpointing.save(state, str(tmp), validate_access_integrity=True)
+        request = dist_checkpointing.save(
+            state, str(tmp), validate_access_integrity=True, async_sharded_save=async_saves is not None
+        )
         failure = None
-    except Exception as e:  # noqa: BLE001 - any writer failure is reported the same way
+    except (Exception, CheckpointException) as e:  # any writer failure is reported the same way
         failure = e
     if _any_rank_failed(failure is not None):
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        cause = _describe(failure) if failure is not None else "another rank failed to write its shards"
+        cause = describe_error(failure) if failure is not None else "another rank failed to write its shards"
         raise CheckpointError(
             f"saving {final} failed: {cause}; {final.name} was not written", "unwritable"
         ) from failure
-    if rank == 0:
+
+    def commit() -> None:
+        _commit(tmp, final, meta)
+        if on_commit is not None:
+            on_commit(final)
+
+    if async_saves is None:
+        commit()
+    else:
+        request.add_finalize_fn(commit)
+        async_saves.schedule(request, PendingSave(final, tmp))
+    return final
+
+
+def _commit(tmp: Path, final: Path, meta: dict[str, Any]) -> None:
+    """Rank 0 writes longnet.json, renames ``tmp`` to ``final`` and moves ``latest`` (collective)."""
+    error = None
+    if dist.get_rank() == 0:
         try:
             write_metadata(tmp, meta)
             if final.exists():  # the same step saved again (an end right after an interval save)
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            write_latest(directory, final.name)
+            write_latest(final.parent, final.name)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             error = CheckpointError(f"saving {final} failed: {e.strerror or e}", "unwritable")
     _agree(error)
-    return final
-
-
-def _describe(error: BaseException) -> str:
-    """The innermost OS error of a failed save (what a user can act on), else the exception itself."""
-    seen = error
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.strerror:
-            return (
-                f"{seen.strerror} ({seen.filename or 'writing shards'})" if seen.filename else seen.strerror
-            )
-        seen = seen.__cause__ or seen.__context__
-    return f"{type(error).__name__}: {error}"
 
 
 def _any_rank_failed(failed: bool) -> bool:

@@ -135,7 +135,10 @@ class Trainer:
         # Checkpoint: resume from `latest` (or an explicit checkpoint.load).
         self.step, self.consumed_samples = 0, 0
         self.checkpointer = TrainingCheckpointer(
-            job.checkpoint_dir, job.checkpoint.keep_last, job.checkpoint.optimizer_sharding
+            job.checkpoint_dir,
+            job.checkpoint.keep_last,
+            job.checkpoint.optimizer_sharding,
+            async_save=job.checkpoint.async_save,
         )
         resume = self._resume_point()
         if resume:
@@ -319,8 +322,16 @@ class Trainer:
             self.record,
             self.job.to_dict(),
         )
-        log.info("saved checkpoint %s", path)
+        if self.checkpointer.async_saves is None:
+            log.info("saved checkpoint %s", path)
+        else:
+            log.info("saving checkpoint %s in the background", path)
         return path
+
+    def finish_saves(self, blocking: bool) -> None:
+        """Commit the background saves that every rank has finished (``blocking``: wait for all)."""
+        for path in self.checkpointer.finalize(blocking):
+            log.info("saved checkpoint %s", path)
 
     def _init_weights_from(self, path: str) -> None:
         """Load model weights saved in any parallel layout; the optimizer's main params follow them."""
@@ -343,6 +354,7 @@ class Trainer:
             chunk.train()
         while self.step < t.steps:
             record = self.train_step()
+            self.finish_saves(blocking=False)
             self.step += 1
             self.consumed_samples += self.global_batch
             record["step"] = self.step
@@ -395,6 +407,7 @@ class Trainer:
         else:
             if job.checkpoint.save_at_end and last_saved != self.step:
                 self.save()
+        self.finish_saves(blocking=True)  # before any exit, the requeue exit included
         self.metrics.close()
         return exit_code
 
