@@ -35,6 +35,7 @@ from longnet_megatron.checkpoint.record import (
     write_metadata,
 )
 from longnet_megatron.checkpoint.verify import verify_checkpoint
+from longnet_megatron.compat.megatron import async_save_options
 from longnet_megatron.model import build_longnet_gpt
 from longnet_megatron.parallel.layout import init_single_process
 
@@ -193,9 +194,8 @@ def save_dist_checkpoint(
             error = e
     _agree(error)
     try:
-        request = dist_checkpointing.save(
-            state, str(tmp), validate_access_integrity=True, async_sharded_save=async_saves is not None
-        )
+        background = {"async_sharded_save": True, **async_save_options()} if async_saves else {}
+        request = dist_checkpointing.save(state, str(tmp), validate_access_integrity=True, **background)
         failure = None
     except (Exception, CheckpointException) as e:  # any writer failure is reported the same way
         failure = e

@@ -48,7 +48,8 @@ def test_async_save_commits_after_the_write_and_a_failure_keeps_latest(tmp_path,
         saves.finalize(blocking=True)
     message = str(err.value)
     assert err.value.kind == "unwritable" and "\n" not in message
-    assert f"saving {second} in the background failed: " in message and "No space left on device" in message
+    assert f"saving {second} in the background failed: " in message
+    assert "No space left on device" in message or "OSError" in message  # 0.19 keeps only the type
     assert "`latest` still names the checkpoint before it" in message
     assert find_checkpoint(tmp_path) == first and not second.exists() and not partial_saves(tmp_path)
     assert saves.pending == [] and saves.finalize(blocking=True) == []
