@@ -6,8 +6,8 @@ cuDNN) at the same N as the baseline, in the same process. Prints a table, and w
 markdown table (by default benchmarks/attention.json and benchmarks/attention.md).
 
 Useful work, per head and pattern (w, r): (N / r) queries, each against min(w, N) / r keys; causal
-halves it; 4 * D FLOPs per query-key pair forward, x 3.5 for forward plus backward (the count of
-shared/gpu/README.md).
+halves it; 4 * D FLOPs per query-key pair forward, x 3.5 for forward plus backward (the usual count
+for attention: backward is 2.5 forwards).
 
     python tools/bench_attention.py                                  # the full sweep
     python tools/bench_attention.py --n 131072 --sets geometric --backends sdpa-cudnn --head-dims 128

@@ -1,4 +1,4 @@
-"""Exact LongNet dilated attention (DESIGN.md sections 1-3).
+"""Exact LongNet dilated attention (docs/design.md sections 1-3).
 
 from longnet_megatron.attention import DilatedAttentionConfig, dilated_attention
 cfg = DilatedAttentionConfig(segment_lengths=(2048, 4096), dilation_rates=(1, 2))

@@ -1,6 +1,6 @@
 """The dilated attention configuration: which (segment length, dilation rate) patterns, causal, scale.
 
-Validation follows DESIGN.md section 1 and runs when the object is made, so a bad configuration fails
+Validation follows docs/design.md section 1 and runs when the object is made, so a bad configuration fails
 before any work with an error that names the offending value.
 """
 

@@ -1,12 +1,12 @@
 """Exact dilated attention over any backend: per-pattern calls, the log-sum-exp merge, the exact backward.
 
-Forward (DESIGN.md section 1): every task (one pattern, one head offset, one block of equal-length
+Forward (docs/design.md section 1): every task (one pattern, one head offset, one block of equal-length
 segments) is a dense attention call returning (O_i, L_i); results are merged online,
 L = logaddexp(L, L_i), O = O + (O_i - O) * exp(L_i - L), into one accumulator, so no per-pattern
 full-size buffer exists. When the first pattern covers every (position, head) (r = 1), its results are
 written straight into the accumulator instead of merged.
 
-Backward (DESIGN.md section 2): each task's kernel backward runs on the gathered q, k, v with the
+Backward (docs/design.md section 2): each task's kernel backward runs on the gathered q, k, v with the
 MERGED O and L, and its dq, dk, dv are scatter-added. With P_i = exp(S_i - L) these are exactly the
 gradients of the merged attention; nothing is differentiated through the merge weights.
 
@@ -129,7 +129,7 @@ def merge_partial(
     """Fold one call's (O_i, L_i) (``[b, l, h, d]``, ``[b, h, l]``) into the selected part of (out, lse).
 
     L = logaddexp(L, L_i); O = O + (O_i - O) * exp(L_i - L), which equals
-    O * exp(L_old - L) + O_i * exp(L_i - L): the exact softmax-denominator weighting of DESIGN.md
+    O * exp(L_old - L) + O_i * exp(L_i - L): the exact softmax-denominator weighting of docs/design.md
     section 1, applied online (in place where the selection is a view) so no per-pattern buffer is kept.
     """
     l_i = l_i.transpose(1, 2).to(lse.dtype)

@@ -1,6 +1,6 @@
 """Which rows and heads each dilated pattern reads, by GLOBAL position and GLOBAL head.
 
-DESIGN.md section 1: in pattern (w, r), query head h has offset o = h mod r, and position p is selected
+docs/design.md section 1: in pattern (w, r), query head h has offset o = h mod r, and position p is selected
 iff (p mod w) mod r == o; selected positions attend within their segment [s*w, (s+1)*w).
 
 The tensors seen here are local slices: token 0 is global position ``position_offset`` and head 0 is

@@ -29,7 +29,7 @@ from longnet_megatron.checkpoint.async_save import AsyncSaves
 from longnet_megatron.checkpoint.errors import CheckpointError
 from longnet_megatron.checkpoint.files import checkpoint_dirs
 from longnet_megatron.checkpoint.record import RECORD_KEY, checkpoint_metadata, read_metadata
-from longnet_megatron.checkpoint.verify import read_common, verify_checkpoint
+from longnet_megatron.checkpoint.verify import read_common, safe_loading, verify_checkpoint
 from longnet_megatron.checkpoint.weights import chunk_key, save_dist_checkpoint, sharded_model_state
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,8 @@ class TrainingCheckpointer:
             )
         _materialize_optimizer_state(optimizer)
         sharded = self._sharded_state(chunks, optimizer, rng=same_world, is_loading=True)
-        state = dist_checkpointing.load(sharded, str(path))
+        with safe_loading():
+            state = dist_checkpointing.load(sharded, str(path))
         models = unwrap_model(chunks)
         for i, model in enumerate(models):
             model.load_state_dict(state[chunk_key(i, len(models))], strict=True)

@@ -1,12 +1,12 @@
 """Is a checkpoint complete and safe to load? Checked before any tensor is read.
 
 A checkpoint is complete when Megatron's ``metadata.json``, ``common.pt`` (megatron-core 0.19+: the
-``common_state`` object in the shards instead) and torch's ``.metadata`` are there and readable and every shard file the metadata lists is at least as long as the metadata
-says. ``.metadata`` is a pickle, and torch's reader unpickles it with the standard unpickler, which
-can run any code: it is read here first through an unpickler that accepts only the classes of torch's
-checkpoint metadata (:data:`ALLOWED_GLOBALS`), so a crafted file is refused before torch sees it.
-``common.pt`` is read with ``torch.load(weights_only=True)`` (tensors, containers and the few classes
-Megatron-Core registers as safe). docs/design.md section 6 says what is trusted.
+``common_state`` object in the shards instead) and torch's ``.metadata`` are there and readable and
+every shard file the metadata lists is at least as long as the metadata says. ``.metadata`` is a pickle, and torch's reader unpickles it with the standard unpickler, which
+can run any code: it is read here through an unpickler that accepts only the classes of torch's
+checkpoint metadata (:data:`ALLOWED_GLOBALS`), and loads run inside :func:`safe_loading`, where torch's
+own reader uses that unpickler and every ``torch.load`` is weights-only (tensors, containers and the
+few classes Megatron-Core registers as safe). docs/design.md section 6 says what is trusted.
 
 Resumption (:func:`resume_checkpoint`) goes further: when the checkpoint ``latest`` names is missing
 or incomplete it warns, naming the bad file, and falls back to the newest complete one.
@@ -14,16 +14,20 @@ or incomplete it warns, naming the bad file, and falls back to the newest comple
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import os
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import megatron.core  # noqa: F401 - registers Megatron's safe globals for torch.load(weights_only=True)
 import torch
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint import filesystem as dcp_filesystem
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint import planner as dcp_planner
 from torch.distributed.checkpoint.filesystem import _StorageInfo
@@ -92,6 +96,50 @@ class _MetadataUnpickler(pickle.Unpickler):
             "to unpickle it (a crafted or foreign file can run code when unpickled)",
             "unsafe",
         )
+
+
+class _AllowListedPickle:
+    """The ``pickle`` module as torch's checkpoint reader sees it inside :func:`safe_loading`: its
+    ``load`` is the allow-listed unpickler; everything else is the real module."""
+
+    @staticmethod
+    def load(file, **_kwargs: Any) -> Any:
+        return _MetadataUnpickler(file, Path(getattr(file, "name", DCP_METADATA))).load()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(pickle, name)
+
+
+@contextlib.contextmanager
+def safe_loading() -> Iterator[None]:
+    """Load checkpoints inside this block: no file of a checkpoint can run code.
+
+    torch's checkpoint reader unpickles ``.metadata`` with the standard unpickler and the byte items
+    of the shards (Megatron's sharded objects: RNG states, some optimizer formats) with
+    ``torch.load(weights_only=False)``. Inside the block the first goes through the allow-listed
+    unpickler and every ``torch.load`` is forced to ``weights_only=True`` (torch's own
+    ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` switch). A refused file is an ``unsafe`` :class:`CheckpointError`.
+    """
+    previous_pickle = dcp_filesystem.pickle
+    previous_env = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    dcp_filesystem.pickle = _AllowListedPickle()
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise
+        raise CheckpointError(
+            f"a checkpoint file holds objects outside torch's weights-only allow-list: refusing to load "
+            f"it ({str(e).splitlines()[0][:200]})",
+            "unsafe",
+        ) from e
+    finally:
+        dcp_filesystem.pickle = previous_pickle
+        if previous_env is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous_env
 
 
 def read_dcp_metadata(ckpt: Path) -> Any:

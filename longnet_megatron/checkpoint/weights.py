@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,7 @@ from megatron.core.dist_checkpointing.dict_utils import nested_values
 from torch.distributed.checkpoint.api import CheckpointException
 
 from longnet_megatron.checkpoint.async_save import AsyncSaves, PendingSave
-from longnet_megatron.checkpoint.errors import CheckpointError, describe_error
+from longnet_megatron.checkpoint.errors import CheckpointError
 from longnet_megatron.checkpoint.files import TMP_SUFFIX, checkpoint_name, write_latest
 from longnet_megatron.checkpoint.record import (
     RECORD_KEY,
@@ -34,7 +35,7 @@ from longnet_megatron.checkpoint.record import (
     rebuild_config,
     write_metadata,
 )
-from longnet_megatron.checkpoint.verify import verify_checkpoint
+from longnet_megatron.checkpoint.verify import safe_loading, verify_checkpoint
 from longnet_megatron.compat.megatron import async_save_options
 from longnet_megatron.model import build_longnet_gpt
 from longnet_megatron.parallel.layout import init_single_process
@@ -70,7 +71,8 @@ def sharded_model_state(
 
 def tensors_metadata(ckpt: Path) -> dict[str, Any]:
     """Checkpoint key -> ShardedTensor without data (global shape, dtype)."""
-    return dist_checkpointing.load_tensors_metadata(str(ckpt))
+    with safe_loading():
+        return dist_checkpointing.load_tensors_metadata(str(ckpt))
 
 
 def padded_vocab_size(ckpt: Path) -> int:
@@ -143,7 +145,8 @@ def load_weights(models: list[torch.nn.Module], ckpt: Path) -> None:
     """Load the checkpoint's weights into this rank's model chunks (any saving layout)."""
     sharded = sharded_model_state(models, weights_only=True)
     check_tensors(ckpt, sharded, whole_model=parallel_state.get_pipeline_model_parallel_world_size() == 1)
-    loaded = dist_checkpointing.load(sharded, str(ckpt))
+    with safe_loading():
+        loaded = dist_checkpointing.load(sharded, str(ckpt))
     for i, model in enumerate(models):
         result = model.load_state_dict(loaded[chunk_key(i, len(models))], strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
@@ -197,12 +200,13 @@ def save_dist_checkpoint(
         background = {"async_sharded_save": True, **async_save_options()} if async_saves else {}
         request = dist_checkpointing.save(state, str(tmp), validate_access_integrity=True, **background)
         failure = None
-    except (Exception, CheckpointException) as e:  # any writer failure is reported the same way
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - any writer failure is reported alike
         failure = e
     if _any_rank_failed(failure is not None):
+        # Diagnosed before the partial save is removed: a full disk is still full then.
+        cause = _why_write_failed(failure, directory, state) if failure else "another rank failed to write"
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        cause = describe_error(failure) if failure is not None else "another rank failed to write its shards"
         raise CheckpointError(
             f"saving {final} failed: {cause}; {final.name} was not written", "unwritable"
         ) from failure
@@ -234,6 +238,33 @@ def _commit(tmp: Path, final: Path, meta: dict[str, Any]) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
             error = CheckpointError(f"saving {final} failed: {e.strerror or e}", "unwritable")
     _agree(error)
+
+
+def _why_write_failed(error: BaseException, directory: Path, state: dict[str, Any]) -> str:
+    """What a user can act on when a save failed: the OS error if one surfaced, else what the file
+    system says (free space against this rank's share, the process's file-size limit), else the error.
+
+    torch's shard writer reports a full disk as a zip-writer assertion ("unexpected pos ..."), not as
+    ENOSPC, so the cause is looked up rather than parsed.
+    """
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    needed = sum(
+        t.data.numel() * t.data.element_size()
+        for t in nested_values(state)
+        if isinstance(t, ShardedTensor) and t.data is not None
+    )
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        return f"No space left on device ({free / 2**20:.1f} MiB free, this rank writes about {needed / 2**20:.1f} MiB)"
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        return f"File too large (the process's file-size limit, ulimit -f, is {limit} bytes)"
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[-1] if text else ''}"
 
 
 def _any_rank_failed(failed: bool) -> bool:

@@ -5,12 +5,15 @@
     longnet-convert reshard CHECKPOINT CHECKPOINT_DIR --tp 2 --pp 2   another TP / PP layout
     longnet-convert sample  HF_FOLDER --prompt 'def '             text from an exported model
 
-Megatron-side commands run on CPU (gloo) when no GPU is present. Bad inputs stop with one line that
+Megatron-side commands run on CPU (gloo) when no GPU is present. Each command imports what it runs
+when it runs (Megatron-Core for the checkpoint commands, only torch for ``sample``), so ``--help``
+and ``sample`` start in a fraction of the time. Bad inputs stop with one line that
 names the path: missing, truncated, mismatched (architecture vs config) or foreign (not LongNet).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -21,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import click
+import torch
 
 from data_prep.tokenizers import get_tokenizer
 from longnet_megatron.checkpoint import CheckpointError
 from longnet_megatron.compat.warnings import quiet_third_party_warnings
+from longnet_megatron.export.generate import PREFILL_CHUNK, sample_text
 from longnet_megatron.parallel.layout import ParallelLayout
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
@@ -173,13 +178,48 @@ def reshard(checkpoint: str, out: str, tp: int, pp: int, vpp: int | None, iterat
         click.echo(f"resharded {checkpoint} -> {ckpt} (tp={tp}, pp={pp}, vpp={vpp})")
 
 
+def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """Reject nan and inf, which click's FloatRange lets through."""
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+def _device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A device this machine has: cpu, or cuda[:N] with a GPU present."""
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise click.BadParameter(f"{value!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise click.BadParameter(f"{value!r}: sampling runs on cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise click.BadParameter(f"{value!r}: no CUDA GPU is available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise click.BadParameter(f"{value!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return value
+
+
 @main.command("sample")
 @click.argument("folder", type=click.Path(file_okay=False))
 @click.option("--prompt", required=True, help="Text to continue.")
-@click.option("--max-new-tokens", default=64, show_default=True)
-@click.option("--temperature", default=0.0, show_default=True, help="0: greedy; > 0: sample.")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option(
-    "--top-p", default=1.0, show_default=True, help="Nucleus sampling mass (with --temperature > 0)."
+    "--temperature",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    callback=_finite,
+    help="0: greedy; > 0: sample.",
+)
+@click.option(
+    "--top-p",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True),
+    callback=_finite,
+    help="Nucleus sampling mass (with --temperature > 0).",
 )
 @click.option("--seed", default=None, type=int, help="Sampling seed (reproducible samples).")
 @click.option("--tokenizer", "tokenizer_spec", default=None, help="Override the export's tokenizer.")
@@ -188,7 +228,21 @@ def reshard(checkpoint: str, out: str, tp: int, pp: int, vpp: int | None, iterat
     default=None,
     help="Dilated attention backend (reference, sdpa, te, triton; default: stored).",
 )
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, callback=_device, help="cpu, cuda or cuda:N.")
+@click.option(
+    "--cache/--no-cache",
+    "use_cache",
+    default=True,
+    show_default=True,
+    help="Decode with the bounded dilated KV cache (--no-cache re-runs the whole sequence per token).",
+)
+@click.option(
+    "--prefill-chunk",
+    default=PREFILL_CHUNK,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Prompt tokens per prefill call (bounds activation memory).",
+)
 @_clear_errors
 def sample(
     folder: str,
@@ -200,13 +254,12 @@ def sample(
     tokenizer_spec: str | None,
     backend: str | None,
     device: str,
+    use_cache: bool,
+    prefill_chunk: int,
 ) -> None:
-    """Print PROMPT and its continuation by the model exported in FOLDER (no Megatron needed).
-
-    No KV cache: each token re-runs the prefix through dilated attention."""
-    from longnet_megatron.export.generate import sample_text
-
-    text = sample_text(
+    """Print PROMPT and its continuation by the model exported in FOLDER (no Megatron needed), then
+    the prefill time, decode tokens/s and cache size on stderr."""
+    text, generation = sample_text(
         folder,
         prompt,
         max_new_tokens,
@@ -216,8 +269,11 @@ def sample(
         tokenizer_spec=tokenizer_spec,
         attention_backend=backend,
         device=device,
+        use_cache=use_cache,
+        prefill_chunk=prefill_chunk,
     )
     click.echo(prompt + text)
+    click.echo(generation.summary(), err=True)
 
 
 if __name__ == "__main__":

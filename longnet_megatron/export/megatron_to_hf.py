@@ -48,7 +48,7 @@ def hf_config(args: LongNetArgs, record: dict[str, Any], dtype: torch.dtype) -> 
         },
         **args.to_dict(),
         "torch_dtype": str(dtype).removeprefix("torch."),
-        "use_cache": False,
+        "use_cache": True,
         "megatron_record": record,
     }
 
@@ -151,7 +151,7 @@ def write_hf_folder(
         state = {k: v.to(dtype).contiguous() for k, v in state.items()}
         write_safetensors(staging, state, max_shard_bytes)
         (staging / CONFIG_FILE).write_text(json.dumps(hf_config(args, record, dtype), indent=2) + "\n")
-        generation = {"eos_token_id": args.eos_token_id, "do_sample": False, "use_cache": False}
+        generation = {"eos_token_id": args.eos_token_id, "do_sample": False, "use_cache": True}
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         for name in MODEL_CODE:
             shutil.copyfile(HF_MODEL_DIR / name, staging / name)

@@ -10,6 +10,9 @@ It needs torch, safetensors and ``longnet_megatron.attention``; no Megatron, no 
 
     model = LongNetForCausalLM.from_pretrained("exports/tiny-hf")
     logits = model(input_ids)                          # [B, N] -> [B, N, vocab_size]
+    cache = model.new_cache()                          # bounded dilated KV cache (LongNetCache)
+    logits = model(prompt, cache, logits_to_keep=1)    # prefill; then one token at a time:
+    logits = model(next_ids, cache)                    # equals the full forward's last position
 
 Parameter names follow Hugging Face's Llama-family convention (``model.layers.{i}.self_attn.q_proj``,
 ...) so the same modules sit inside the transformers wrapper (``hf_model/modeling_longnet.py``) and
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from longnet_megatron.attention import DilatedAttentionConfig, dilated_attention
+from longnet_megatron.attention.decode import DECODE_MAX_TOKENS, CacheStats, DilatedKVCache
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -112,13 +116,16 @@ class LongNetArgs:
         return cls.from_dict(data)
 
 
-def rotary_cos_sin(seq_len: int, head_dim: int, base: float, dtype: torch.dtype, device=None):
-    """cos and sin ``[seq_len, 1, head_dim]`` of Megatron's RotaryEmbedding (non-interleaved halves).
+def rotary_cos_sin(seq_len: int, head_dim: int, base: float, dtype: torch.dtype, device=None, start: int = 0):
+    """cos and sin ``[seq_len, 1, head_dim]`` of Megatron's RotaryEmbedding (non-interleaved halves),
+    for positions ``start`` .. ``start + seq_len - 1``.
 
-    Same float32 arithmetic as Megatron (inverse frequencies, outer product, cat), cast afterwards.
+    Same float32 arithmetic as Megatron (inverse frequencies, outer product, cat), cast afterwards;
+    each position's values do not depend on ``start`` (exact integers up to 2^24).
     """
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    positions = torch.arange(start, start + seq_len, dtype=torch.float32, device=device)
+    freqs = torch.outer(positions, inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
     return torch.cos(emb).to(dtype), torch.sin(emb).to(dtype)
 
@@ -148,13 +155,18 @@ class LongNetAttention(nn.Module):
         self.v_proj = nn.Linear(args.hidden_size, hkv * d, bias=args.bias)
         self.o_proj = nn.Linear(hq * d, args.hidden_size, bias=args.bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: DilatedKVCache | None = None
+    ) -> torch.Tensor:
         b, n, _ = x.shape
         a = self.args
         q = apply_rotary(self.q_proj(x).view(b, n, a.num_attention_heads, a.head_dim), cos, sin)
         k = apply_rotary(self.k_proj(x).view(b, n, a.num_key_value_heads, a.head_dim), cos, sin)
         v = self.v_proj(x).view(b, n, a.num_key_value_heads, a.head_dim)
-        out = dilated_attention(q, k, v, self.patterns, backend=a.attention_backend)
+        if cache is None:
+            out = dilated_attention(q, k, v, self.patterns, backend=a.attention_backend)
+        else:
+            out = cache.attend(q, k, v, backend=a.attention_backend)
         return self.o_proj(out.reshape(b, n, -1))
 
 
@@ -185,8 +197,10 @@ class LongNetBlock(nn.Module):
         self.post_attention_layernorm = _norm(args)
         self.mlp = LongNetMLP(args)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: DilatedKVCache | None = None
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -196,21 +210,33 @@ class LongNetModel(nn.Module):
     def __init__(self, args: LongNetArgs):
         super().__init__()
         self.args = args
+        self.cache_layout = cache_layout(args)  # what a decode cache must have been made for
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(LongNetBlock(args, i) for i in range(args.num_hidden_layers))
         self.norm = _norm(args)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: LongNetCache | None = None) -> torch.Tensor:
+        start = 0
+        if cache is not None:
+            cache.check_fits(self.cache_layout, input_ids.shape[1])
+            start = cache.get_seq_length()
         x = self.embed_tokens(input_ids)
-        # Positions are 0..N-1, as in Megatron's GPTModel (it ignores position_ids under RoPE).
-        cos, sin = rotary_cos_sin(x.shape[1], self.args.head_dim, self.args.rope_theta, x.dtype, x.device)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
+        # Positions are 0..N-1 (after the cached ones), as in Megatron's GPTModel (it ignores
+        # position_ids under RoPE).
+        a = self.args
+        cos, sin = rotary_cos_sin(x.shape[1], a.head_dim, a.rope_theta, x.dtype, x.device, start=start)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, None if cache is None else cache.layers[i])
         return self.norm(x)
 
 
 class LongNetForCausalLM(nn.Module):
-    """The language model: ``forward(input_ids [B, N]) -> logits [B, N, vocab_size]``."""
+    """The language model: ``forward(input_ids [B, N]) -> logits [B, N, vocab_size]``.
+
+    With a ``cache`` (:meth:`new_cache`) the ids continue the cached sequence and the cache is
+    updated in place, as transformers' caches are; ``logits_to_keep`` = k > 0 returns only the last
+    k positions' logits (transformers' argument: a long prefill never builds ``[N, vocab]`` logits).
+    """
 
     def __init__(self, args: LongNetArgs):
         super().__init__()
@@ -220,8 +246,20 @@ class LongNetForCausalLM(nn.Module):
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.model(input_ids))
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: LongNetCache | None = None,
+        *,
+        past_key_values: LongNetCache | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+    ) -> torch.Tensor:
+        hidden = self.model(input_ids, one_cache(cache, past_key_values))
+        return self.lm_head(keep_positions(hidden, logits_to_keep))
+
+    def new_cache(self, *, max_decode_tokens: int = DECODE_MAX_TOKENS) -> LongNetCache:
+        """An empty decode cache for this model (buffers come with the first call)."""
+        return LongNetCache(self.args, max_decode_tokens=max_decode_tokens)
 
     @classmethod
     def from_pretrained(
@@ -250,6 +288,142 @@ class LongNetForCausalLM(nn.Module):
         return model.eval()
 
 
+def one_cache(cache: LongNetCache | None, past_key_values: LongNetCache | None) -> LongNetCache | None:
+    """The cache given as ``cache`` or by its older transformers name ``past_key_values``."""
+    if past_key_values is not None:
+        if cache is not None and cache is not past_key_values:
+            raise ValueError(
+                "pass the cache once: as cache= or as past_key_values= (its older name), not both"
+            )
+        cache = past_key_values
+    if cache is not None and not isinstance(cache, LongNetCache):
+        raise ValueError(
+            f"LongNet decodes with its own cache (model.new_cache()), not a {type(cache).__name__}: "
+            "dilated attention keeps only the keys of each pattern's current segment"
+        )
+    return cache
+
+
+def keep_positions(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """The positions whose logits are wanted: the last k for an int k > 0 (0: all), or an index tensor."""
+    if isinstance(logits_to_keep, int):
+        if logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep={logits_to_keep} must be >= 0 (0 keeps every position)")
+        return hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+    return hidden[:, logits_to_keep]
+
+
+def cache_layout(args: LongNetArgs) -> dict[str, Any]:
+    """What a decode cache depends on: heads, head size, position limit and every layer's patterns."""
+    return {
+        "num_attention_heads": args.num_attention_heads,
+        "num_key_value_heads": args.num_key_value_heads,
+        "head_dim": args.head_dim,
+        "max_position_embeddings": args.max_position_embeddings,
+        "dilated_attention": [args.layer_patterns(i).to_dict() for i in range(args.num_hidden_layers)],
+    }
+
+
+class LongNetCache:
+    """The decode cache of a :class:`LongNetForCausalLM`: one :class:`DilatedKVCache` per layer.
+
+    Its methods are those of transformers' ``Cache`` (``get_seq_length``, ``crop``, ``reset``,
+    ``reorder_cache``, ``batch_select_indices``, ...), so the transformers wrapper's cache is this
+    class on top of ``transformers.Cache``, and ``generate`` drives either. Per layer and query head
+    it holds at most sum_i ceil(w_i / r_i) keys, whatever the context (:meth:`stats`).
+    """
+
+    is_compileable = False
+    is_croppable = True  # across a segment end only while recording (activate_past_recording)
+
+    def __init__(self, args: LongNetArgs, *, max_decode_tokens: int = DECODE_MAX_TOKENS) -> None:
+        self.layout = cache_layout(args)
+        self.layers = [
+            DilatedKVCache(
+                args.layer_patterns(i),
+                args.num_attention_heads,
+                args.num_key_value_heads,
+                args.head_dim,
+                max_positions=args.max_position_embeddings,
+                max_decode_tokens=max_decode_tokens,
+            )
+            for i in range(args.num_hidden_layers)
+        ]
+
+    def check_fits(self, layout: dict[str, Any], num_tokens: int) -> None:
+        """Raise a clear error unless ``num_tokens`` more tokens of a model of ``layout`` fit this cache."""
+        if layout != self.layout:
+            diff = sorted(key for key in layout if layout[key] != self.layout.get(key))
+            raise ValueError(
+                f"this cache was made for another model or layout (it differs in {', '.join(diff)}): "
+                "make one with model.new_cache()"
+            )
+        start, limit = self.get_seq_length(), layout["max_position_embeddings"]
+        if start + num_tokens > limit:
+            raise ValueError(
+                f"positions {start}..{start + num_tokens - 1} pass the model's position limit "
+                f"(max_position_embeddings={limit})"
+            )
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens cached so far."""
+        return self.layers[layer_idx].length
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        """The most tokens the cache may hold: the model's position limit."""
+        return self.layout["max_position_embeddings"]
+
+    @property
+    def batch_size(self) -> int:
+        """Batch size of the cached sequences (-1 before the first call)."""
+        batch = self.layers[0].batch
+        return -1 if batch is None else batch
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.layers[0].batch is not None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last ``-tokens_to_remove`` tokens in every layer (all or none)."""
+        for layer in self.layers:
+            layer.check_crop(tokens_to_remove)
+        for layer in self.layers:
+            layer.crop(tokens_to_remove)
+
+    def activate_past_recording(self) -> None:
+        """Keep emptied segments until the next crop (transformers' speculative decoding protocol)."""
+        for layer in self.layers:
+            layer.activate_past_recording()
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.reset()
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.select_batch(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.select_batch(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for layer in self.layers:
+            layer.repeat_batch(repeats)
+
+    def stats(self) -> CacheStats:
+        """All layers together; ``key_bound`` is per layer and query head (the largest layer's)."""
+        per_layer = [layer.stats() for layer in self.layers]
+        return CacheStats(
+            tokens=per_layer[0].tokens,
+            bytes=sum(s.bytes for s in per_layer),
+            cached_keys=sum(s.cached_keys for s in per_layer),
+            key_bound=max(s.key_bound for s in per_layer),
+            attended_keys=sum(s.attended_keys for s in per_layer),
+            dense_bytes=sum(s.dense_bytes for s in per_layer),
+        )
+
+
 def _with_tied(state: dict[str, torch.Tensor], args: LongNetArgs) -> dict[str, torch.Tensor]:
     if args.tie_word_embeddings:
         state = dict(state)
@@ -257,23 +431,35 @@ def _with_tied(state: dict[str, torch.Tensor], args: LongNetArgs) -> dict[str, t
     return state
 
 
-def load_safetensors_folder(folder: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of ``model.safetensors`` or of the shards its index lists."""
+def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """One safetensors file; a damaged one is a ValueError naming it (not safetensors' own error)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is unreadable ({e}): truncated or not a safetensors file") from e
+
+
+def load_safetensors_folder(folder: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of ``model.safetensors`` or of the shards its index lists."""
     folder = Path(folder)
     single, index = folder / WEIGHTS_FILE, folder / WEIGHTS_INDEX_FILE
     if single.is_file():
-        return load_file(single)
+        return _load_weights_file(single)
     if not index.is_file():
         raise FileNotFoundError(f"{folder} has neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE}")
-    weight_map = json.loads(index.read_text())["weight_map"]
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{index} is not a safetensors index ({e}): truncated?") from e
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(set(weight_map.values())):
         path = folder / shard
         if not path.is_file():
             raise FileNotFoundError(f"{path} is listed in {index} but missing")
-        state.update(load_file(path))
+        state.update(_load_weights_file(path))
     missing = sorted(set(weight_map) - set(state))
     if missing:
         raise ValueError(f"{folder}: tensors {missing[:5]} are in the index but in no shard")

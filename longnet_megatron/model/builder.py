@@ -71,6 +71,8 @@ def make_longnet_config(
         "dilated_attention": preset.dilated_attention,
         "dilated_attention_per_layer": dilated_attention_per_layer,
         "attention_backend_name": attention_backend_name,
+        # Megatron-Core 0.16 defaults to "full", the deprecated spelling of "the whole layer" (and warns).
+        "cuda_graph_scope": [],
         **_parallel_sizes(),
     }
     fields.update(overrides)

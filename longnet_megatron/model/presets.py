@@ -16,7 +16,7 @@ from typing import Any
 from longnet_megatron.attention import DilatedAttentionConfig
 
 CL100K_BASE_VOCAB_SIZE = (
-    100277  # the project's default tokenizer (DESIGN.md section 5), special tokens included
+    100277  # the project's default tokenizer (docs/design.md section 5), special tokens included
 )
 
 

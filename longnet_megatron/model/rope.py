@@ -3,7 +3,7 @@
 Megatron's RotaryEmbedding computes the angles of the whole (global) sequence and, under context
 parallelism, keeps this rank's two zig-zag chunks (``get_pos_emb_on_this_cp_rank``), matching the
 load-balanced split Megatron uses for dense causal attention. LongNet splits the sequence into
-CONTIGUOUS chunks (DESIGN.md section 4), so the angles must be sliced the same way, or tokens would be
+CONTIGUOUS chunks (docs/design.md section 4), so the angles must be sliced the same way, or tokens would be
 rotated by another rank's positions.
 """
 

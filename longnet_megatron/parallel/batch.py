@@ -1,7 +1,7 @@
 """Split a training batch over the context-parallel ranks: contiguous chunks, not Megatron's zig-zag.
 
 Megatron's ``get_batch_on_this_cp_rank`` gives rank c chunks c and 2*cp-1-c of 2*cp (zig-zag), which
-balances dense causal attention. LongNet's distributed attention (DESIGN.md section 4) needs rank c to
+balances dense causal attention. LongNet's distributed attention (docs/design.md section 4) needs rank c to
 hold the contiguous chunk ``[c*n, (c+1)*n)`` so that global positions, RoPE angles and dilated
 selection agree; the one definition of that chunk is ``contiguous_cp_chunk``. Dilated attention's cost
 per query does not grow with its position, so the contiguous split is balanced as well.

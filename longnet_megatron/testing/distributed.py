@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from longnet_megatron.compat import enable_cpu_megatron
 from longnet_megatron.parallel.layout import ParallelLayout, free_port, initialize_megatron_parallel
 
 # TP = PP = CP = 1 (the default of run_distributed; frozen, so sharing one instance is safe).
@@ -86,8 +87,6 @@ def _worker(
         )
         torch.manual_seed(seed)
         if layout is not None:
-            from longnet_megatron.compat import enable_cpu_megatron
-
             enable_cpu_megatron()
             initialize_megatron_parallel(layout, seed)
         payload = (rank, True, _to_bytes(fn(*args, **kwargs)))

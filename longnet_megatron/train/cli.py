@@ -9,8 +9,6 @@ import click
 from longnet_megatron.checkpoint import CheckpointError
 from longnet_megatron.compat.warnings import quiet_third_party_warnings
 from longnet_megatron.train.config import ConfigError, load_config
-from longnet_megatron.train.distributed import world_from_env
-from longnet_megatron.train.job import resolve_job
 from longnet_megatron.train.signals import REQUEUE_EXIT_CODE
 
 
@@ -36,7 +34,12 @@ def main(config, overrides, check, print_config) -> None:
     Runs resume from CHECKPOINT_DIR/latest. On SIGTERM or SIGUSR1 a checkpoint is saved and the
     process exits with code 75 (the launch script requeues on it). docs/training.md is the manual.
     """
+    # Megatron-Core (imported by what follows) warns on import: the filters go first.
     quiet_third_party_warnings()
+    from longnet_megatron.train.distributed import shutdown_distributed, world_from_env
+    from longnet_megatron.train.job import resolve_job
+    from longnet_megatron.train.trainer import Trainer
+
     world = world_from_env()
     try:
         resolved = resolve_job(load_config(config, overrides), world.world_size)
@@ -52,10 +55,6 @@ def main(config, overrides, check, print_config) -> None:
     if check:
         click.echo(f"configuration OK for {world.world_size} rank(s)")
         return
-
-    # The trainer imports Megatron-Core: only once the configuration is known to be good.
-    from longnet_megatron.train.distributed import shutdown_distributed
-    from longnet_megatron.train.trainer import Trainer
 
     try:
         trainer = Trainer(resolved, world)

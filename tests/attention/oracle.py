@@ -1,4 +1,4 @@
-"""The float64 O(N^2) oracle, written straight from DESIGN.md section 1.
+"""The float64 O(N^2) oracle, written straight from docs/design.md section 1.
 
 It shares no code with the implementation: for every query head it builds the multiplicity M[p, p'] of
 (query, key) pairs over all patterns from the selection rule, and computes softmax(q k^T * scale +

@@ -1,4 +1,4 @@
-"""The planned tasks select, per pattern, exactly the (position, head) pairs of DESIGN.md's rule."""
+"""The planned tasks select, per pattern, exactly the (position, head) pairs of docs/design.md's rule."""
 
 from __future__ import annotations
 

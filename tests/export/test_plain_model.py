@@ -195,7 +195,8 @@ def test_sample_cli_greedy_and_top_p(converted, workdir):
         runner.invoke(cli, ["sample", folder, "--prompt", "def ", "--max-new-tokens", "12"]) for _ in range(2)
     ]
     assert greedy[0].exit_code == 0, greedy[0].output
-    assert greedy[0].output == greedy[1].output and greedy[0].output.startswith("def ")
+    assert greedy[0].stdout == greedy[1].stdout and greedy[0].stdout.startswith("def ")
+    assert "tokens/s" in greedy[0].stderr
     sampled = runner.invoke(
         cli,
         [

@@ -33,6 +33,21 @@ def train_command(*args: str) -> list[str]:
     ]
 
 
+def quick_run(prefix: str, run_dir: str, *overrides: str) -> list[str]:
+    """``train_command`` of a short tiny run: small batches, every step logged, no validation."""
+    return train_command(
+        f"data.prefixes=[{prefix}]",
+        f"run.dir={run_dir}",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=4",
+        "train.eval_interval=0",
+        "optim.warmup_steps=1",
+        "logging.interval=1",
+        "logging.tensorboard=false",
+        *overrides,
+    )
+
+
 def read_metrics(run_dir: str, kind: str = "train") -> list[dict]:
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):

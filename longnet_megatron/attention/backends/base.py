@@ -6,7 +6,7 @@ grouped-query keys). ``causal`` means top-left aligned (query i sees keys j <= i
 with equal query and key lengths. The log-sum-exp is ``[batch, heads, length]``, float32 (float64 for float64
 inputs).
 
-``backward`` is given the MERGED output and log-sum-exp of all patterns (DESIGN.md section 2): with
+``backward`` is given the MERGED output and log-sum-exp of all patterns (docs/design.md section 2): with
 P = exp(S - L) it returns exactly this call's share of the gradients of the merged attention.
 """
 

@@ -2,7 +2,7 @@
 
 ``torch.nn.functional.scaled_dot_product_attention`` hides the log-sum-exp, so this backend calls the
 ops underneath it, which return it, and their ``*_backward`` ops, which take the output and
-log-sum-exp as arguments: the MERGED ones can be passed (DESIGN.md section 2).
+log-sum-exp as arguments: the MERGED ones can be passed (docs/design.md section 2).
 
 The ops work in ``[b, h, l, d]``; our tensors are ``[b, l, h, d]``, so q, k, v go in as transposed
 views (no copy; strided selections stay views too) and results come back as views. Per kernel:
@@ -25,8 +25,8 @@ from .reference import ReferenceBackend
 
 aten = torch.ops.aten
 
-# Kernels in order of preference on Hopper (cuDNN ~355 TFLOP/s fwd+bwd on 2048-token batches,
-# flash ~224; see shared/gpu/README.md).
+# Kernels in order of preference on Hopper (measured on an H100, bf16, fwd+bwd on batches of
+# 2048-token sequences: cuDNN ~355 TFLOP/s, flash ~224).
 KERNELS = ("cudnn", "flash", "efficient")
 _CAN_USE = {
     "cudnn": "can_use_cudnn_attention",

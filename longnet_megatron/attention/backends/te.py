@@ -2,7 +2,7 @@
 
 TE's forward returns the softmax statistics (natural-log log-sum-exp of the scaled scores, float32
 ``[b, h, l, 1]``) as the first of its ``aux_ctx_tensors``; its backward takes them back in the same
-place, so the MERGED log-sum-exp and output go in there (DESIGN.md section 2).
+place, so the MERGED log-sum-exp and output go in there (docs/design.md section 2).
 
 Tensors are passed in the ``bshd_bshd_bshd`` layout, which TE reads as contiguous: a strided selection
 (dilation r > 1) is copied once per call, the r = 1 views go in as they are. The arguments are passed

@@ -8,7 +8,7 @@ safely.
 
 * forward: online softmax in base 2 (FlashAttention-2), returning ``out`` (like q, a fresh contiguous
   tensor) and the natural-log ``lse`` ``[b, h, l]`` float32.
-* backward: given the MERGED ``out`` and ``lse`` (DESIGN.md section 2), ``delta = rowsum(dO * O)`` is
+* backward: given the MERGED ``out`` and ``lse`` (docs/design.md section 2), ``delta = rowsum(dO * O)`` is
   computed from that ``out`` by a small kernel, then one kernel accumulates dk, dv per key block
   (looping over query blocks) and one accumulates dq per query block (looping over key blocks); no
   atomics, no float32 buffers the size of q.
@@ -155,7 +155,7 @@ def _delta_kernel(
 def merged_delta(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
     """``rowsum(dout * out)`` ``[B, H, N]`` float32 of ``[B, N, H, D]`` tensors (any row/head strides).
 
-    The backward's delta term, computed from the MERGED output (DESIGN.md section 2); shared by the
+    The backward's delta term, computed from the MERGED output (docs/design.md section 2); shared by the
     per-call and the fused kernels.
     """
     b, n, h, d = out.shape

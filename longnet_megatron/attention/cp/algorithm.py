@@ -1,4 +1,4 @@
-"""LongNet's distributed dilated attention over a context-parallel group (DESIGN.md section 4).
+"""LongNet's distributed dilated attention over a context-parallel group (docs/design.md section 4).
 
 Each CP rank holds a contiguous chunk of the sequence. Forward, per layer:
 
@@ -10,7 +10,7 @@ Each CP rank holds a contiguous chunk of the sequence. Forward, per layer:
    against the keys received (all earlier in the sequence when causal), folded in with
    ``merge_partial``.
 
-Backward mirrors it with the merged output and log-sum-exp (DESIGN.md section 2): the remote calls'
+Backward mirrors it with the merged output and log-sum-exp (docs/design.md section 2): the remote calls'
 backward runs first, their dk, dv are sent back to the ranks that own those keys while the local
 ``dilated_backward`` runs, and the owners add what they receive. Received keys are kept from the
 forward pass (O(w/r) per pattern, not O(N)), so backward re-sends nothing but gradients.

@@ -1,6 +1,6 @@
 """Which dilated keys and values context-parallel ranks exchange: pure index arithmetic, no communication.
 
-Layout (DESIGN.md section 4): the sequence is split into CONTIGUOUS chunks of n tokens; CP rank c holds
+Layout (docs/design.md section 4): the sequence is split into CONTIGUOUS chunks of n tokens; CP rank c holds
 global positions ``[base + c*n, base + (c+1)*n)`` (``base`` = 0 in training). Positions and heads are
 global, so every rank applies the single-rank selection rule of ``attention.indexing`` unchanged.
 

@@ -7,10 +7,10 @@ from q with strided addressing as a sub-tile of ``cdiv(tile, r)`` rows, their ke
 segment's first selected key) are streamed from k and v the same way, and the sub-tile's (O_i, L_i)
 is folded into the tile's state in registers: a one-hot [tile, sub-tile] product places each sub-row
 on its tile row (computed as two bf16 products, hi and lo, so the placement is exact to ~2^-16
-relative). r = 1 patterns work on the tile itself. The multiset-union softmax of DESIGN.md section 1
+relative). r = 1 patterns work on the tile itself. The multiset-union softmax of docs/design.md section 1
 is what comes out; no per-pattern buffer or merge pass exists.
 
-Backward (DESIGN.md section 2, the same math as every other backend): ``delta = rowsum(dO * O)`` of
+Backward (docs/design.md section 2, the same math as every other backend): ``delta = rowsum(dO * O)`` of
 the merged output, then one kernel owns a query tile and accumulates dq over all patterns, and one
 owns a key tile of one key/value head and accumulates dk, dv over all patterns and all query heads of
 its group (GQA in the kernel). Every output element is written once: no atomics, no float32 buffers

@@ -179,7 +179,7 @@ def fused_backward(
     position_offset: int = 0,
     doc: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact (dq, dk, dv) given the merged output and lse ``[B, N, Hq]`` (DESIGN.md section 2)."""
+    """Exact (dq, dk, dv) given the merged output and lse ``[B, N, Hq]`` (docs/design.md section 2)."""
     b, n, h, d = q.shape
     hk = k.shape[2]
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -12,6 +12,7 @@ class LongNetHFConfig(PretrainedConfig):
 
     model_type = "longnet"
 
-    def __init__(self, tie_word_embeddings: bool = True, **kwargs):
-        kwargs.setdefault("use_cache", False)
+    def __init__(self, tie_word_embeddings: bool = True, use_cache: bool = True, **kwargs):
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        # Set after: transformers 5 takes use_cache for a generation option and drops the kwarg.
+        self.use_cache = use_cache  # forward's default: the bounded dilated cache (LongNetHFCache)
