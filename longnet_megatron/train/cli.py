@@ -66,6 +66,10 @@ def main(config, overrides, check, print_config) -> None:
         trainer = Trainer(resolved, world)
         code = trainer.train()
         trainer.close()
+    except ConfigError as e:  # what only the machine can tell (FP8 on this GPU)
+        if world.rank == 0:
+            click.echo(f"longnet-train: configuration error: {e}", err=True)
+        sys.exit(2)
     except CheckpointError as e:
         if world.rank == 0:
             prefix = "cannot save" if e.kind == "unwritable" else f"{e.kind} checkpoint"

