@@ -14,8 +14,11 @@ all built by ``longnet_megatron.train.Trainer`` from a JobConfig, on synthetic r
   Dense rows stay unmasked.
 
 Every configuration runs in a FRESH SUBPROCESS (an OOM cannot poison the next one, and TE's cuDNN and
-PyTorch's cuDNN SDPA stay in separate processes). Recompute ``auto``: first none; on OOM again with full
-recompute (uniform, 1 layer per group); the table says which ran, and "OOM" when both failed. The
+PyTorch's cuDNN SDPA stay in separate processes). Recompute ``auto``: the trainer's memory planner
+(``model.recompute=auto``: the cheapest of none, selective, block recompute of k layers and full whose
+modelled footprint fits the GPU); on OOM again with full recompute (uniform, 1 layer per group); the
+table says which ran, the planner's modelled peak beside the measured one, and "OOM" when both failed.
+``--fp8 RECIPE`` runs the TE linears of both models in FP8 (``model.fp8``; attention stays bf16). The
 output layer + loss run in chunks whenever the logits would pass 1 GiB (``model.loss_chunk_tokens``
 null, the training default), which at a 100K vocabulary is every context here.
 
@@ -25,6 +28,7 @@ the query-key pairs its patterns score, dense the causal N(N+1)/2 per head.
     python tools/bench_train.py                                 # 125m and 1.3b, 8K .. 1M, both models
     python tools/bench_train.py --presets 125m --contexts 8K,32K,128K --append
     python tools/bench_train.py --kinds dense --contexts 512K,1M --steps 1 --warmup 1 --append
+    python tools/bench_train.py --presets 1.3b --contexts 128K --fp8 delayed --append
     python tools/bench_train.py --kinds longnet --presets 125m --contexts 128K --doc-lens 0,4096,65536
     # CPU smoke run (local layers, fp32, no TE), not a measurement:
     python tools/bench_train.py --device cpu --presets tiny --contexts 256 --base-segment 64 \\
@@ -56,7 +60,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 RESULT_TAG = "BENCH_TRAIN_RESULT "
 KINDS = ("longnet", "dense")
-FULL_RECOMPUTE = "full (uniform, 1 layer)"
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise")
 
 
 @dataclass
@@ -67,7 +71,9 @@ class Row:
     preset: str
     context: int
     status: str = "ok"  # ok, OOM, timeout, error: ...
+    fp8: str | None = None  # model.fp8 recipe; None: bf16 GEMMs
     recompute: str | None = None
+    modelled_gib: float | None = None  # the memory planner's modelled peak for the recompute that ran
     loss_chunk_tokens: int | None = None
     attention: str | None = None
     step_ms: float | None = None
@@ -111,7 +117,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--timeout-s", type=float, default=1200.0, help="a configuration's subprocess is killed")
     p.add_argument(
-        "--recompute", choices=["auto", "none", "full"], default="auto", help="auto: none, on OOM full"
+        "--recompute",
+        choices=["auto", "none", "selective", "full"],
+        default="auto",
+        help="auto: the memory planner's choice, on OOM full",
+    )
+    p.add_argument(
+        "--fp8", choices=FP8_RECIPES, default=None, help="FP8 recipe of the TE linears (both models)"
     )
     p.add_argument(
         "--loss-chunk-tokens", type=int, default=None, help="default: the training default; 0: plain loss"
@@ -167,6 +179,7 @@ def job_config(spec: dict[str, Any]):
         f"model.attention_backend={spec['backend']}",
         f"model.use_te={'true' if spec['device'] == 'cuda' else 'false'}",
         f"model.recompute={spec['recompute']}",
+        f"model.fp8={spec.get('fp8') or 'null'}",
         "model.recompute_method=uniform",
         "model.recompute_num_layers=1",
         "data.synthetic=true",
@@ -291,6 +304,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             "status": "ok",
             "attention": attention,
             "loss_chunk_tokens": trainer.model_config.loss_chunk_tokens,
+            "recompute": str(trainer.memory_plan.recompute),
+            "modelled_gib": (
+                trainer.memory_plan.footprint.total / 2**30 if trainer.memory_plan.footprint else None
+            ),
             "step_ms": 1000 * step_s,
             "tokens_per_s": n / step_s,
             "tflops": tflops,
@@ -355,7 +372,8 @@ def run_configuration(
     runner: Callable[[dict[str, Any], float], dict[str, Any]] = run_subprocess,
     doc_len: int = 0,
 ) -> tuple[Row, dict[str, Any] | None]:
-    """Measure one (kind, preset, context[, documents]), retrying with full recompute after an OOM under ``auto``."""
+    """Measure one (kind, preset, context[, documents]), retrying with full recompute after an OOM under
+    ``auto`` (the planner's choice first)."""
     spec = {
         "doc_len": doc_len,
         "kind": kind,
@@ -370,8 +388,9 @@ def run_configuration(
         "precision": args.precision,
         "peak_tflops": args.peak_tflops,
         "device": args.device,
+        "fp8": args.fp8,
     }
-    attempts = {"auto": ["none", "full"], "none": ["none"], "full": ["full"]}[args.recompute]
+    attempts = ["auto", "full"] if args.recompute == "auto" else [args.recompute]
     for recompute in attempts:
         result = runner({**spec, "recompute": recompute}, args.timeout_s)
         if result["status"] != "OOM":
@@ -379,8 +398,10 @@ def run_configuration(
     env = result.pop("env", None)
     known = {f.name for f in fields(Row)}
     row = Row(kind=kind, preset=preset, context=context, **{k: v for k, v in result.items() if k in known})
-    row.recompute = FULL_RECOMPUTE if recompute == "full" else "none"
+    row.fp8 = args.fp8
     row.doc_len = doc_len or None
+    if row.recompute is None:  # no measurement: say what was asked for
+        row.recompute = recompute
     return row, env
 
 
@@ -390,8 +411,10 @@ def fmt(value: Any, spec: str) -> str:
 
 def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
     """The results table with what was measured and how."""
-    dense = {(r.preset, r.context): r for r in rows if r.kind == "dense" and r.step_ms}
-    unmasked = {(r.preset, r.context): r for r in rows if r.kind == "longnet" and not r.doc_len and r.step_ms}
+    dense = {(r.preset, r.context, r.fp8): r for r in rows if r.kind == "dense" and r.step_ms}
+    unmasked = {
+        (r.preset, r.context, r.fp8): r for r in rows if r.kind == "longnet" and not r.doc_len and r.step_ms
+    }
     on_gpu = meta["device_kind"] == "cuda"
     layers = "Transformer Engine" if on_gpu else "Megatron local (CPU smoke run)"
     dense_attention = (
@@ -406,27 +429,29 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
         "the pairs its patterns score; dense: causal N(N+1)/2; recomputation not counted); MFU against "
         f"{meta['peak_tflops']:g} TFLOP/s. Layers: {layers}. LongNet: dilated attention backend "
         f"{meta['backend']}, patterns w_k = {meta['base_segment']} * 2^k, r_k = 2^k up to N. Dense: "
-        f"Megatron-Core's own layer spec, {dense_attention}, causal. Recompute: none first, full on OOM. "
+        f"Megatron-Core's own layer spec, {dense_attention}, causal. Recompute: the memory planner's choice "
+        "(model.recompute=auto), full on OOM; 'modelled GiB': the planner's modelled peak of that setting. "
+        "FP8: the recipe of the TE linears ('-': bf16; attention, embedding and loss stay bf16). "
         "Loss chunks: tokens per chunk of the output layer + loss ('-': plain). 'dense / LongNet': dense "
-        "step time over LongNet's. Documents: mean length of the synthetic documents with document "
-        "masking on ('-': unmasked; FLOPs still count the unmasked pairs); 'masked / unmasked': the "
-        "unmasked LongNet step time over this one.",
+        "step time over LongNet's at the same FP8 setting. Documents: mean length of the synthetic "
+        "documents with document masking on ('-': unmasked; FLOPs still count the unmasked pairs); "
+        "'masked / unmasked': the unmasked LongNet step time over this one.",
         "",
-        "| model | preset | context | documents | recompute | loss chunks | attention | step ms | tokens/s/GPU | "
-        "TFLOP/s | MFU | peak GiB | dense / LongNet | masked / unmasked | status |",
-        "|---|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| model | preset | context | documents | FP8 | recompute | loss chunks | attention | step ms | "
+        "tokens/s/GPU | TFLOP/s | MFU | peak GiB | modelled GiB | dense / LongNet | masked / unmasked | status |",
+        "|---|---|---:|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        ref = dense.get((r.preset, r.context))
+        ref = dense.get((r.preset, r.context, r.fp8))
         ratio = ref.step_ms / r.step_ms if (r.kind == "longnet" and ref and r.step_ms) else None
-        plain = unmasked.get((r.preset, r.context))
+        plain = unmasked.get((r.preset, r.context, r.fp8))
         masked = plain.step_ms / r.step_ms if (r.doc_len and plain and r.step_ms) else None
         mfu = None if r.mfu is None else 100 * r.mfu
         lines.append(
             f"| {r.kind} | {r.preset} | {short(r.context)} | {short(r.doc_len) if r.doc_len else '-'} | "
-            f"{r.recompute or '-'} | {fmt(r.loss_chunk_tokens, 'd')} | {r.attention or '-'} | "
+            f"{r.fp8 or '-'} | {r.recompute or '-'} | {fmt(r.loss_chunk_tokens, 'd')} | {r.attention or '-'} | "
             f"{fmt(r.step_ms, ',.0f')} | {fmt(r.tokens_per_s, ',.0f')} | {fmt(r.tflops, '.1f')} | "
-            f"{fmt(mfu, '.1f')}{'%' if mfu else ''} | {fmt(r.peak_gib, '.1f')} | "
+            f"{fmt(mfu, '.1f')}{'%' if mfu else ''} | {fmt(r.peak_gib, '.1f')} | {fmt(r.modelled_gib, '.1f')} | "
             f"{fmt(ratio, '.1f')}{'x' if ratio else ''} | {fmt(masked, '.2f')}{'x' if masked else ''} | {r.status} |"
         )
     versions = ", ".join(
@@ -448,14 +473,16 @@ def save(rows: list[Row], meta: dict[str, Any], out: str, append: bool) -> tuple
         earlier = json.loads(path.with_suffix(".json").read_text())
         for data in earlier["rows"]:
             row = Row(**data)
-            merged[(row.kind, row.preset, row.context, row.doc_len)] = row
+            merged[(row.kind, row.preset, row.context, row.fp8, row.doc_len)] = row
         meta["commands"] = [
             c for c in earlier["meta"].get("commands", []) if c not in meta["commands"]
         ] + meta["commands"]
     for row in rows:
-        merged[(row.kind, row.preset, row.context, row.doc_len)] = row
+        merged[(row.kind, row.preset, row.context, row.fp8, row.doc_len)] = row
     order = {kind: i for i, kind in enumerate(KINDS)}
-    ordered = sorted(merged.values(), key=lambda r: (r.preset, r.context, order[r.kind], r.doc_len or 0))
+    ordered = sorted(
+        merged.values(), key=lambda r: (r.preset, r.context, r.fp8 or "", order[r.kind], r.doc_len or 0)
+    )
     payload = {"meta": meta, "rows": [asdict(r) for r in ordered]}
     path.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
     path.with_suffix(".md").write_text(markdown(ordered, meta))

@@ -22,3 +22,18 @@ class CheckpointError(ValueError):
             raise ValueError(f"unknown CheckpointError kind {kind!r}; one of {KINDS}")
         super().__init__(message)
         self.kind = kind
+
+
+def describe_error(error: BaseException) -> str:
+    """A failed write in one line: its innermost OS error when there is one (what a user can act on:
+    disk full, permissions), else the exception itself."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return f"{seen.strerror} ({seen.filename})" if seen.filename else seen.strerror
+        # torch.distributed.checkpoint's CheckpointException carries each rank's (exception, trace).
+        failures = getattr(seen, "failures", None)
+        if isinstance(failures, dict) and failures:
+            return describe_error(next(iter(failures.values()))[0])
+        seen = seen.__cause__ or seen.__context__
+    return " ".join(f"{type(error).__name__}: {error}".split())[:400]

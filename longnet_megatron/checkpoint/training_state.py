@@ -5,7 +5,8 @@ optimizer in Megatron's ``dp_reshardable`` or ``fully_reshardable`` format), the
 train state (step, consumed samples: the data position), every rank's RNG states (Python, NumPy,
 torch CPU and CUDA, Megatron's model-parallel tracker) and, in ``longnet.json``, the model record and
 the job's resolved config. Saves go through :func:`~.weights.save_dist_checkpoint` (temporary name,
-rename when complete, ``latest`` last); the last K are kept.
+rename when complete, ``latest`` last), optionally in the background (:mod:`.async_save`); the last K
+are kept.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer import distrib_optimizer
 from megatron.core.utils import unwrap_model
 
+from longnet_megatron.checkpoint.async_save import AsyncSaves
 from longnet_megatron.checkpoint.errors import CheckpointError
 from longnet_megatron.checkpoint.files import checkpoint_dirs
 from longnet_megatron.checkpoint.record import RECORD_KEY, checkpoint_metadata, read_metadata
@@ -121,9 +123,13 @@ def check_same_architecture(ckpt: Path, record: dict[str, Any], expected: dict[s
 class TrainingCheckpointer:
     """Saves and loads the full training state of one run in ``directory`` (``checkpoint.dir``)."""
 
-    def __init__(self, directory: str, keep_last: int, optimizer_sharding: str) -> None:
+    def __init__(
+        self, directory: str, keep_last: int, optimizer_sharding: str, async_save: bool = False
+    ) -> None:
         self.directory = Path(directory)
         self.keep_last = keep_last
+        # checkpoint.async_save: shards written in the background, committed by finalize().
+        self.async_saves = AsyncSaves() if async_save else None
         self.metadata = {
             "distrib_optim_sharding_type": optimizer_sharding,
             "singleton_local_shards": False,
@@ -150,17 +156,36 @@ class TrainingCheckpointer:
         record: dict[str, Any],
         job: dict[str, Any],
     ) -> Path:
-        """Save step ``step``; move ``latest`` to it; delete checkpoints beyond the last K."""
+        """Save step ``step``; move ``latest`` to it; delete checkpoints beyond the last K.
+
+        With ``async_save`` the earlier save in flight is finished first, this one's shards are written
+        in the background, and ``latest`` and the pruning follow in :meth:`finalize`.
+        """
+        self.finalize(blocking=True)
         state = self._sharded_state(chunks, optimizer, rng=True, is_loading=False)
         state["scheduler"] = scheduler.state_dict()
         state["train_state"] = dict(train_state)
         state["world_size"] = dist.get_world_size()
         meta = checkpoint_metadata(step, record, weights_only=False, job=job)
-        final = save_dist_checkpoint(state, self.directory, step, meta, overwrite=True)
+        return save_dist_checkpoint(
+            state,
+            self.directory,
+            step,
+            meta,
+            overwrite=True,
+            async_saves=self.async_saves,
+            on_commit=self._after_commit,
+        )
+
+    def finalize(self, blocking: bool) -> list[Path]:
+        """Commit the background saves every rank has finished (``blocking``: all of them); returns
+        the committed checkpoints (collective; nothing to do without ``async_save``)."""
+        return self.async_saves.finalize(blocking) if self.async_saves else []
+
+    def _after_commit(self, final: Path) -> None:
         if dist.get_rank() == 0:
             self._prune(keep=final)
         dist.barrier()
-        return final
 
     def _prune(self, keep: Path) -> None:
         if self.keep_last <= 0:

@@ -1,8 +1,8 @@
 """Is a checkpoint complete and safe to load? Checked before any tensor is read.
 
-A checkpoint is complete when Megatron's ``metadata.json``, ``common.pt`` and torch's ``.metadata``
-are there and readable and every shard file the metadata lists is at least as long as the metadata
-says. ``.metadata`` is a pickle, and torch's reader unpickles it with the standard unpickler, which
+A checkpoint is complete when Megatron's ``metadata.json``, ``common.pt`` (megatron-core 0.19+: the
+``common_state`` object in the shards instead) and torch's ``.metadata`` are there and readable and
+every shard file the metadata lists is at least as long as the metadata says. ``.metadata`` is a pickle, and torch's reader unpickles it with the standard unpickler, which
 can run any code: it is read here through an unpickler that accepts only the classes of torch's
 checkpoint metadata (:data:`ALLOWED_GLOBALS`), and loads run inside :func:`safe_loading`, where torch's
 own reader uses that unpickler and every ``torch.load`` is weights-only (tensors, containers and the
@@ -15,6 +15,7 @@ or incomplete it warns, naming the bad file, and falls back to the newest comple
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from typing import Any
 
 import megatron.core  # noqa: F401 - registers Megatron's safe globals for torch.load(weights_only=True)
 import torch
+from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint import filesystem as dcp_filesystem
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint import planner as dcp_planner
@@ -42,6 +44,8 @@ log = logging.getLogger(__name__)
 
 DCP_METADATA = ".metadata"
 COMMON = "common.pt"
+# megatron-core 0.19+ keeps the common state in the shards, as this object (ShardedObject.unique_key).
+COMMON_STATE_KEY = ShardedObject("common_state", None, (1,), (0,)).unique_key
 
 # Every global a torch.distributed.checkpoint ``.metadata`` pickle names (torch 2.4 - 2.13): the
 # metadata dataclasses and enums, the save plan Megatron keeps there, torch.Size, dtypes, layouts.
@@ -154,13 +158,34 @@ def read_dcp_metadata(ckpt: Path) -> Any:
         ) from e
 
 
+def _has_common_state_object(ckpt: Path) -> bool:
+    """Whether the shards hold the common state (megatron-core 0.19+ writes no ``common.pt``)."""
+    return COMMON_STATE_KEY in read_dcp_metadata(ckpt).state_dict_metadata
+
+
+def _common_state_bytes(ckpt: Path) -> io.BytesIO:
+    """The 0.19+ ``common_state`` object's bytes, read straight from its shard file at the offset the
+    (allow-listed) ``.metadata`` gives: torch's own reader would unpickle them without restriction."""
+    storage = read_dcp_metadata(ckpt).storage_data
+    (info,) = [info for index, info in storage.items() if index.fqn == COMMON_STATE_KEY]
+    if getattr(info, "transform_descriptors", None):
+        raise CheckpointError(f"{ckpt}: the common state is stored transformed (compressed?)", "foreign")
+    with open(Path(ckpt) / info.relative_path, "rb") as f:
+        f.seek(info.offset)
+        return io.BytesIO(f.read(info.length))
+
+
 def read_common(ckpt: Path) -> dict[str, Any]:
-    """The checkpoint's common (non-sharded) state, ``common.pt``, loaded with ``weights_only=True``."""
+    """The checkpoint's common (non-sharded) state, loaded with ``weights_only=True``: ``common.pt``, or
+    (megatron-core 0.19+) the ``common_state`` object in the shards."""
     path = Path(ckpt) / COMMON
-    if not path.is_file():
+    if not path.is_file() and not _has_common_state_object(ckpt):
         raise CheckpointError(f"{path} is missing: truncated checkpoint", "truncated")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        if path.is_file():
+            return torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(_common_state_bytes(ckpt), map_location="cpu", weights_only=True)
+        return loaded[0] if isinstance(loaded, list) else loaded  # a ShardedObject's data, as a list
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):
             raise CheckpointError(
@@ -203,9 +228,10 @@ def verify_checkpoint(ckpt: Path, *, load_common: bool = True) -> None:
             "supported",
             "foreign",
         )
-    if not (ckpt / COMMON).is_file():
+    dcp_meta = read_dcp_metadata(ckpt)
+    if not (ckpt / COMMON).is_file() and COMMON_STATE_KEY not in dcp_meta.state_dict_metadata:
         raise CheckpointError(f"{ckpt / COMMON} is missing: truncated checkpoint", "truncated")
-    storage = read_dcp_metadata(ckpt).storage_data
+    storage = dcp_meta.storage_data
     needed: dict[str, int] = {}
     for info in storage.values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)

@@ -14,6 +14,7 @@ import logging
 import os
 import resource
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from megatron.core.dist_checkpointing import ShardedTensor
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from torch.distributed.checkpoint.api import CheckpointException
 
+from longnet_megatron.checkpoint.async_save import AsyncSaves, PendingSave
 from longnet_megatron.checkpoint.errors import CheckpointError
 from longnet_megatron.checkpoint.files import TMP_SUFFIX, checkpoint_name, write_latest
 from longnet_megatron.checkpoint.record import (
@@ -34,6 +36,7 @@ from longnet_megatron.checkpoint.record import (
     write_metadata,
 )
 from longnet_megatron.checkpoint.verify import safe_loading, verify_checkpoint
+from longnet_megatron.compat.megatron import async_save_options
 from longnet_megatron.model import build_longnet_gpt
 from longnet_megatron.parallel.layout import init_single_process
 
@@ -156,14 +159,25 @@ def load_weights(models: list[torch.nn.Module], ckpt: Path) -> None:
 
 
 def save_dist_checkpoint(
-    state: dict[str, Any], directory: Path, step: int, meta: dict[str, Any], *, overwrite: bool
+    state: dict[str, Any],
+    directory: Path,
+    step: int,
+    meta: dict[str, Any],
+    *,
+    overwrite: bool,
+    async_saves: AsyncSaves | None = None,
+    on_commit: Callable[[Path], None] | None = None,
 ) -> Path:
     """Save ``state`` (collective) as ``directory/iter_<step>`` with ``meta`` as its longnet.json.
 
     Written into ``iter_<step>.tmp`` and renamed only when every rank has finished, then ``latest``
-    moves to it: a save that fails or is killed leaves the previous ``latest`` intact. A failure
-    (disk full, permissions) removes the partial save and raises a one-line ``unwritable``
-    :class:`CheckpointError`; on every rank, since the ranks agree on success before the rename.
+    moves to it and ``on_commit(final)`` runs on every rank: a save that fails or is killed leaves the
+    previous ``latest`` intact. A failure (disk full, permissions) removes the partial save and raises a
+    one-line ``unwritable`` :class:`CheckpointError`; on every rank, since the ranks agree on success
+    before the rename.
+
+    async_saves: write the shards in the background (:mod:`.async_save`); the rename, ``latest`` and
+    ``on_commit`` then happen in ``async_saves.finalize`` once every rank's write completed.
     """
     directory = Path(directory)
     final = directory / checkpoint_name(step)
@@ -183,7 +197,8 @@ def save_dist_checkpoint(
             error = e
     _agree(error)
     try:
-        dist_checkpointing.save(state, str(tmp), validate_access_integrity=True)
+        background = {"async_sharded_save": True, **async_save_options()} if async_saves else {}
+        request = dist_checkpointing.save(state, str(tmp), validate_access_integrity=True, **background)
         failure = None
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - any writer failure is reported alike
         failure = e
@@ -195,18 +210,34 @@ def save_dist_checkpoint(
         raise CheckpointError(
             f"saving {final} failed: {cause}; {final.name} was not written", "unwritable"
         ) from failure
-    if rank == 0:
+
+    def commit() -> None:
+        _commit(tmp, final, meta)
+        if on_commit is not None:
+            on_commit(final)
+
+    if async_saves is None:
+        commit()
+    else:
+        request.add_finalize_fn(commit)
+        async_saves.schedule(request, PendingSave(final, tmp))
+    return final
+
+
+def _commit(tmp: Path, final: Path, meta: dict[str, Any]) -> None:
+    """Rank 0 writes longnet.json, renames ``tmp`` to ``final`` and moves ``latest`` (collective)."""
+    error = None
+    if dist.get_rank() == 0:
         try:
             write_metadata(tmp, meta)
             if final.exists():  # the same step saved again (an end right after an interval save)
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            write_latest(directory, final.name)
+            write_latest(final.parent, final.name)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             error = CheckpointError(f"saving {final} failed: {e.strerror or e}", "unwritable")
     _agree(error)
-    return final
 
 
 def _why_write_failed(error: BaseException, directory: Path, state: dict[str, Any]) -> str:

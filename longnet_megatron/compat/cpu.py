@@ -17,8 +17,9 @@ Megatron code:
   tensors as CUDA ones (Megatron's optimizers select parameters by that name);
 * Megatron's batched pipeline p2p (``batch_p2p_comm=True``, the default) goes through its unbatched
   path, whose message order gloo matches correctly (see :func:`_unbatched_p2p_ops`);
-* ``torch.cuda.current_device`` returns ``torch.device("cpu")``, and ``torch.cuda.synchronize`` /
-  ``torch.cuda.set_device`` become no-ops;
+* ``torch.cuda.current_device`` returns ``torch.device("cpu")``, ``torch.cuda.current_stream`` a
+  stream whose waits do nothing, and ``torch.cuda.synchronize`` / ``torch.cuda.set_device`` become
+  no-ops;
 * Megatron's RNG tracker class is replaced by :class:`CpuRNGStatesTracker`, which keeps named CPU
   generator states and forks the CPU default generator the way the CUDA tracker forks the CUDA one
   (on CPU, dropout and initialisation draw from the CPU generator, so that is the generator to fork);
@@ -148,6 +149,22 @@ class CpuRNGStatesTracker:
             torch.set_rng_state(outer)
 
 
+class _CpuStream:
+    """What ``torch.cuda.current_stream()`` returns on CPU: work is already ordered, waits are no-ops."""
+
+    def wait_event(self, event: Any) -> None:
+        return None
+
+    def wait_stream(self, stream: Any) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
+
+
+_CPU_STREAM = _CpuStream()
+
+
 def _unbatched_p2p_ops(**kwargs: Any) -> list:
     """Megatron's ``batch_p2p_comm`` path, made safe for gloo.
 
@@ -174,6 +191,7 @@ def _patch_process_globals() -> None:
     # A device object, not an index: `device=torch.cuda.current_device()` must mean the CPU even where
     # the mode is not on the stack (see the module docstring).
     torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.current_stream = lambda device=None: _CPU_STREAM  # megatron-core 0.19's gradient sync
     torch.cuda.synchronize = lambda device=None: None
     torch.cuda.set_device = lambda device: None
     # Megatron builds its tracker from this module-level name; the TE tracker is never chosen

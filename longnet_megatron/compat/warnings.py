@@ -37,6 +37,25 @@ _FILTERS = (
         r"megatron\..*",
         "Megatron-Core's layer-norm fallback on machines without Apex",
     ),
+    (
+        UserWarning,
+        r"full scope is deprecated\. Use empty cuda_graph_scope.*",
+        r"megatron\..*",
+        "Megatron-Core 0.16's TransformerConfig warns about its own default cuda_graph_scope on every "
+        "model build (no CUDA graphs are used here)",
+    ),
+    (
+        FutureWarning,
+        r"`load_state_dict` is deprecated and will be removed.*",
+        r"megatron\..*",
+        "Megatron-Core 0.16's dist-checkpoint loader calls torch.distributed.checkpoint's old entry point",
+    ),
+    (
+        FutureWarning,
+        r"Please use DTensor instead and we are deprecating ShardedTensor\.",
+        r"(torch|longnet_megatron)\..*",
+        "torch.distributed.checkpoint warns while Megatron-Core 0.16 loads its ShardedTensors",
+    ),
 )
 
 

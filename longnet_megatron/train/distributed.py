@@ -70,8 +70,8 @@ def setup_device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(job: JobConfig, world: World) -> torch.device:
-    """Process group (nccl on CUDA, gloo on CPU), then Megatron's parallel_state with the job's layout."""
+def start_process_group(world: World, timeout_minutes: float) -> torch.device:
+    """This rank's device and the process group (nccl on CUDA, gloo on CPU), unless one is running."""
     import torch.distributed as dist
 
     device = setup_device()
@@ -81,9 +81,15 @@ def init_distributed(job: JobConfig, world: World) -> torch.device:
             init_method=f"tcp://{world.master_addr}:{world.master_port}",
             rank=world.rank,
             world_size=world.world_size,
-            timeout=timedelta(minutes=job.run.timeout_minutes),
+            timeout=timedelta(minutes=timeout_minutes),
             **({"device_id": device} if device.type == "cuda" else {}),
         )
+    return device
+
+
+def init_distributed(job: JobConfig, world: World) -> torch.device:
+    """Process group (nccl on CUDA, gloo on CPU), then Megatron's parallel_state with the job's layout."""
+    device = start_process_group(world, job.run.timeout_minutes)
     initialize_megatron_parallel(job.layout, seed=None)  # the trainer seeds after building its config
     return device
 

@@ -174,6 +174,10 @@ def format_record(r: dict[str, Any]) -> str:
     """The console line of a record."""
     if r.get("kind") == "valid":
         return f"step {r['step']:>6} | validation loss {r['loss']:.4f} | perplexity {r['ppl']:.2f}"
+    if r.get("kind") == "eval":
+        b = r["buckets"]
+        shown = [f"{low}+ {loss:.3f}" for low, loss in zip(b["edges"][:-1], b["loss"]) if loss is not None]
+        return f"step {r['step']:>6} | eval loss {r['loss']:.4f} | by position: {', '.join(shown)}"
     parts = [
         f"step {r['step']:>6}/{r['steps']}",
         f"loss {r['loss']:.4f}",

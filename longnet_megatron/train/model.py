@@ -18,7 +18,9 @@ from megatron.core.utils import unwrap_model
 
 from longnet_megatron.model import build_longnet_gpt, make_longnet_config
 from longnet_megatron.model.specs import transformer_engine_available
+from longnet_megatron.train.fp8 import fp8_config_fields
 from longnet_megatron.train.job import ResolvedJob
+from longnet_megatron.train.memory_plan import Recompute, explicit_recompute
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -48,8 +50,14 @@ def uses_transformer_engine(resolved: ResolvedJob) -> bool:
     return use_te if use_te is not None else transformer_engine_available()
 
 
-def transformer_config(resolved: ResolvedJob, extra: dict[str, Any] | None = None) -> Any:
-    """The LongNetConfig (a Megatron TransformerConfig) of the job; ``extra`` sets further fields."""
+def transformer_config(
+    resolved: ResolvedJob, extra: dict[str, Any] | None = None, recompute: Recompute | None = None
+) -> Any:
+    """The LongNetConfig (a Megatron TransformerConfig) of the job; ``extra`` sets further fields.
+
+    recompute: the memory plan's choice (:mod:`.memory_plan`); None: ``model.recompute`` as given
+    (``auto`` then means none, as on CPU).
+    """
     job = resolved.config
     precision, m, p = job.train.precision, job.model, job.parallel
     dtype = DTYPES[precision]
@@ -65,14 +73,8 @@ def transformer_config(resolved: ResolvedJob, extra: dict[str, Any] | None = Non
         "calculate_per_token_loss": True,
         "loss_chunk_tokens": loss_chunk_tokens(resolved),
     }
-    if m.recompute == "selective":
-        overrides.update(recompute_granularity="selective", recompute_modules=["core_attn"])
-    elif m.recompute == "full":
-        overrides.update(
-            recompute_granularity="full",
-            recompute_method=m.recompute_method,
-            recompute_num_layers=m.recompute_num_layers,
-        )
+    overrides.update((recompute or explicit_recompute(resolved)).config_fields())
+    overrides.update(fp8_config_fields(m))
     overrides.update(extra or {})
     return make_longnet_config(resolved.preset, attention_backend_name=m.attention_backend, **overrides)
 

@@ -38,15 +38,19 @@ from longnet_megatron.checkpoint.weights import load_weights, open_checkpoint
 from longnet_megatron.train import data as data_lib
 from longnet_megatron.train.config import dump_config
 from longnet_megatron.train.distributed import World, init_distributed, world_from_env
+from longnet_megatron.train.fp8 import check_fp8_device
 from longnet_megatron.train.job import ResolvedJob
+from longnet_megatron.train.memory_plan import device_memory_bytes, plan_for_job
 from longnet_megatron.train.metrics import MetricsWriter, memory_gib, peak_tflops, preset_training_flops
 from longnet_megatron.train.model import (
     build_model_chunks,
+    loss_chunk_tokens,
     transformer_config,
     unwrap,
     uses_transformer_engine,
 )
 from longnet_megatron.train.optim import build_optimizer, build_scheduler
+from longnet_megatron.train.position_loss import PositionEvaluator, packed_split_for
 from longnet_megatron.train.signals import REQUEUE_EXIT_CODE, ExitSignals
 
 log = logging.getLogger("longnet_megatron.train")
@@ -86,6 +90,9 @@ class Trainer:
             raise ValueError(
                 f"the job was resolved for {resolved.world_size} ranks, this world has {world.world_size}"
             )
+        # Before anything starts: every thread and process started from here on inherits them blocked.
+        self.signals = ExitSignals().install() if job.train.exit_signal_handling else None
+        check_fp8_device(job.model)
         self.device = init_distributed(job, world)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.is_logging_rank = self.rank == 0
@@ -94,7 +101,11 @@ class Trainer:
 
         # Model: this rank's pipeline chunks, DDP-wrapped; its record goes into every checkpoint.
         self.preset, self.seq_length = resolved.preset, resolved.seq_length
-        self.model_config = transformer_config(resolved, config_overrides)
+        self.memory_plan = plan_for_job(
+            resolved, loss_chunk_tokens(resolved), device_memory_bytes(self.device)
+        )
+        (log.info if self.memory_plan.fits else log.warning)("memory plan: %s", self.memory_plan.describe())
+        self.model_config = transformer_config(resolved, config_overrides, self.memory_plan.recompute)
         self.chunks = build_model_chunks(resolved, self.model_config, self.device, layer_spec)
         self.record = model_record(self.preset, self.model_config, resolved.tokenizer)
         if init_weights is not None:
@@ -127,7 +138,10 @@ class Trainer:
         # Checkpoint: resume from `latest` (or an explicit checkpoint.load).
         self.step, self.consumed_samples = 0, 0
         self.checkpointer = TrainingCheckpointer(
-            job.checkpoint_dir, job.checkpoint.keep_last, job.checkpoint.optimizer_sharding
+            job.checkpoint_dir,
+            job.checkpoint.keep_last,
+            job.checkpoint.optimizer_sharding,
+            async_save=job.checkpoint.async_save,
         )
         resume = self._resume_point()
         if resume:
@@ -146,6 +160,7 @@ class Trainer:
             resolved, t.steps * self.global_batch, num_valid
         )
         self.train_iters = self._iterators(self.train_data, self.consumed_samples)
+        self.position_eval = self._position_evaluator()
 
         # Metrics.
         self.flops_per_step = self.global_batch * preset_training_flops(
@@ -155,7 +170,6 @@ class Trainer:
         self.metrics = MetricsWriter(
             job.run_dir, job.logging.tensorboard, self.is_logging_rank, resume_step=self.step
         )
-        self.signals = ExitSignals().install() if t.exit_signal_handling else None
         self.history: list[dict[str, Any]] = []  # every step's record, on every rank (tests read it)
         self._write_run_files()
         self._log_setup()
@@ -181,6 +195,15 @@ class Trainer:
             )
             for _ in self.chunks
         ]
+
+    def _position_evaluator(self) -> PositionEvaluator | None:
+        """The ``eval`` section's evaluator (None when ``eval.interval`` is 0)."""
+        e = self.job.eval
+        if not e.interval:
+            return None
+        prefix = e.prefix or self.job.data.prefixes[0]
+        data = packed_split_for(prefix, e.split, self.seq_length, self.resolved.tokenizer)
+        return PositionEvaluator(data, e.sequences, self.seq_length)
 
     def _resume_point(self) -> Path | None:
         """The checkpoint to resume from: ``checkpoint.load``, else the newest complete one of the
@@ -312,8 +335,16 @@ class Trainer:
             self.record,
             self.job.to_dict(),
         )
-        log.info("saved checkpoint %s", path)
+        if self.checkpointer.async_saves is None:
+            log.info("saved checkpoint %s", path)
+        else:
+            log.info("saving checkpoint %s in the background", path)
         return path
+
+    def finish_saves(self, blocking: bool) -> None:
+        """Commit the background saves that every rank has finished (``blocking``: wait for all)."""
+        for path in self.checkpointer.finalize(blocking):
+            log.info("saved checkpoint %s", path)
 
     def _init_weights_from(self, path: str) -> None:
         """Load model weights saved in any parallel layout; the optimizer's main params follow them."""
@@ -332,10 +363,20 @@ class Trainer:
         window_start = time.perf_counter()
         last_saved = self.step if self.step else None
         exit_code = 0
+        if self.signals is not None and self.signals.any_rank_received(self.device):
+            log.warning(
+                "exit signal (%s) during start-up: step %d is what is on disk; exit %d for requeue",
+                self.signals.received or "on another rank",
+                self.step,
+                REQUEUE_EXIT_CODE,
+            )
+            self.metrics.close()
+            return REQUEUE_EXIT_CODE
         for chunk in self.chunks:
             chunk.train()
         while self.step < t.steps:
             record = self.train_step()
+            self.finish_saves(blocking=False)
             self.step += 1
             self.consumed_samples += self.global_batch
             record["step"] = self.step
@@ -365,11 +406,15 @@ class Trainer:
                 )
                 window, window_start = [], time.perf_counter()
 
+            paused = time.perf_counter()  # validation time is not step time: the window skips it
             if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps):
                 result = self.evaluate()
                 if result is not None:
                     self.metrics.write({"kind": "valid", "step": self.step, **result})
-                window_start = time.perf_counter()  # validation time is not step time
+            if job.eval.interval and (self.step % job.eval.interval == 0 or self.step == t.steps):
+                result = self.position_eval.evaluate(self.chunks, self.device)
+                self.metrics.write({"kind": "eval", "step": self.step, **result})
+            window_start += time.perf_counter() - paused
 
             if self.signals is not None and self.signals.any_rank_received(self.device):
                 log.warning(
@@ -382,12 +427,14 @@ class Trainer:
                 exit_code = REQUEUE_EXIT_CODE
                 break
             if ckpt_interval and self.step % ckpt_interval == 0 and self.step < t.steps:
+                paused = time.perf_counter()
                 self.save()
                 last_saved = self.step
-                window_start = time.perf_counter()
+                window_start += time.perf_counter() - paused
         else:
             if job.checkpoint.save_at_end and last_saved != self.step:
                 self.save()
+        self.finish_saves(blocking=True)  # before any exit, the requeue exit included
         self.metrics.close()
         return exit_code
 

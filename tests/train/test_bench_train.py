@@ -1,5 +1,6 @@
-"""tools/bench_train.py: context parsing, the OOM retry with full recompute, and a CPU smoke run of both
-models (tiny preset, one warm-up and one timed step each, every configuration in its own subprocess)."""
+"""tools/bench_train.py: context parsing, the planner's choice retried with full recompute after an OOM,
+and a CPU smoke run of both models (tiny preset, one warm-up and one timed step each, every
+configuration in its own subprocess; the planner's auto is none on CPU)."""
 
 from __future__ import annotations
 
@@ -33,22 +34,28 @@ def test_contexts_parse_with_binary_suffixes():
 
 def test_oom_is_retried_with_full_recompute_and_reported():
     tool = load_tool()
-    args = tool.parse_args(["--device", "cpu"])
+    args = tool.parse_args(["--device", "cpu", "--fp8", "delayed"])
     calls = []
 
     def runner(spec, timeout_s):
         calls.append(spec["recompute"])
-        if spec["recompute"] == "none" or spec["context"] > 8192:
+        assert spec["fp8"] == "delayed"
+        if spec["recompute"] == "auto" or spec["context"] > 8192:
             return {"status": "OOM"}
-        return {"status": "ok", "step_ms": 10.0, "env": {"device": "fake"}}
+        return {
+            "status": "ok",
+            "step_ms": 10.0,
+            "recompute": "full (uniform, 1 layer)",
+            "env": {"device": "x"},
+        }
 
     row, env = tool.run_configuration("longnet", "125m", 8192, args, runner)
-    assert calls == ["none", "full"] and row.status == "ok" and row.recompute == tool.FULL_RECOMPUTE
-    assert env == {"device": "fake"}
+    assert calls == ["auto", "full"] and row.status == "ok" and row.recompute == "full (uniform, 1 layer)"
+    assert env == {"device": "x"} and row.fp8 == "delayed"
     calls.clear()
     row, _ = tool.run_configuration("dense", "125m", 16384, args, runner)
-    assert calls == ["none", "full"] and row.status == "OOM"
-    args = tool.parse_args(["--device", "cpu", "--recompute", "none"])
+    assert calls == ["auto", "full"] and row.status == "OOM"
+    args = tool.parse_args(["--device", "cpu", "--recompute", "none", "--fp8", "delayed"])
     calls.clear()
     row, _ = tool.run_configuration("dense", "125m", 16384, args, runner)
     assert calls == ["none"] and (row.status, row.recompute) == ("OOM", "none")
@@ -86,5 +93,7 @@ def test_cpu_smoke_run_measures_both_models(tmp_path):
         assert abs(r["loss"] - math.log(256)) < 1.0  # random tokens: about ln V
     assert rows[0]["attention"].startswith("dilated") and rows[1]["attention"] == "Megatron local"
     table = out.with_suffix(".md").read_text()
-    assert "| longnet | tiny | 256 | - | none | 100 |" in table and "| dense | tiny | 256 | - |" in table
-    assert "| longnet | tiny | 256 | 40 | none | 100 |" in table
+    assert (
+        "| longnet | tiny | 256 | - | - | none | 100 |" in table and "| dense | tiny | 256 | - | - |" in table
+    )
+    assert "| longnet | tiny | 256 | 40 | - | none | 100 |" in table  # documents of 40, no FP8

@@ -37,9 +37,18 @@ class ModelConfig:
         "auto"  # any name of attention.backend_names(): auto, sdpa, te, triton, triton-fused, ...
     )
     use_te: bool | None = None  # Transformer Engine layers; None: when TE imports
-    recompute: str = "none"  # none, selective (core attention), full (whole layers)
+    # auto: the least recomputation whose modelled footprint fits the GPU (train/memory_plan.py; none on
+    # CPU); none, selective (core attention), full (whole layers: recompute_method, recompute_num_layers)
+    recompute: str = "auto"
     recompute_method: str = "uniform"  # full recompute: uniform or block
     recompute_num_layers: int = 1  # full recompute: layers per checkpointed group (uniform) / count (block)
+    # FP8 GEMMs in the Transformer Engine linears (the dilated core attention stays bf16): null (off),
+    # delayed, tensorwise or blockwise (TE's recipes on Hopper); needs TE layers, bf16, compute capability 8.9+
+    fp8: str | None = None
+    fp8_format: str = "hybrid"  # hybrid: e4m3 forward, e5m2 gradients; e4m3: e4m3 everywhere
+    fp8_amax_history_len: int = 1024  # delayed scaling: amax history window (TE's default)
+    fp8_amax_compute_algo: str = "max"  # delayed scaling: max or most_recent over the history
+    fp8_margin: int = 0  # delayed scaling: scale margin (powers of 2)
     hidden_dropout: float = 0.0
     # Output layer + loss in chunks of this many tokens, never holding the logits (docs/model.md);
     # None: 4096 when one micro-batch's fp32 logits on a rank would pass 1 GiB, else off; 0: off.
@@ -91,6 +100,16 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Periodic loss by token position (log-spaced buckets) on held-out packed sequences."""
+
+    interval: int = 0  # steps between evaluations (and at the end); 0: never
+    sequences: int = 4  # the first N sequences of the split, shared over data-parallel replicas
+    prefix: str | None = None  # a `longnet-prep pack` prefix at the model's L; None: data.prefixes[0]
+    split: str = "valid"  # train, valid or test
+
+
+@dataclass
 class OptimConfig:
     """Adam(W) through Megatron's get_megatron_optimizer, lr by Megatron's OptimizerParamScheduler."""
 
@@ -124,6 +143,9 @@ class CheckpointConfig:
     optimizer_sharding: str = (
         "dp_reshardable"  # distributed-optimizer format: dp_reshardable, fully_reshardable
     )
+    # Write shards in background processes while training goes on; `latest` moves only once every
+    # rank's write completed (Megatron's async dist-checkpoint save)
+    async_save: bool = False
 
 
 @dataclass
@@ -155,6 +177,7 @@ class JobConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -11,16 +11,20 @@ import math
 import os
 from typing import Any
 
+from data_prep.pack import SPLITS, summary_path
 from longnet_megatron.attention import DilatedAttentionConfig
 from longnet_megatron.attention.backends import WHOLE_FUNCTION_BACKENDS, backend_names
 from longnet_megatron.model.presets import PRESETS, LongNetPreset
 from longnet_megatron.train.config.schema import ConfigError, JobConfig
 
-RECOMPUTE = ("none", "selective", "full")
+RECOMPUTE = ("auto", "none", "selective", "full")
 RECOMPUTE_METHODS = ("uniform", "block")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root")
 OPTIMIZER_SHARDING = ("dp_reshardable", "fully_reshardable")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise")  # Transformer Engine's FP8 recipes on Hopper
+FP8_FORMATS = ("hybrid", "e4m3")
+FP8_AMAX_ALGOS = ("max", "most_recent")
 
 _POSITIVE = (
     "parallel.tensor_model_parallel_size",
@@ -30,15 +34,19 @@ _POSITIVE = (
     "train.micro_batch_size",
     "train.global_batch_size",
     "model.recompute_num_layers",
+    "model.fp8_amax_history_len",
     "logging.interval",
+    "eval.sequences",
 )
 _NON_NEGATIVE = (
     "train.eval_interval",
     "train.eval_iters",
+    "eval.interval",
     "checkpoint.interval",
     "checkpoint.keep_last",
     "optim.warmup_steps",
     "data.num_workers",
+    "model.fp8_margin",
 )
 _POSITIVE_OR_NULL = (
     "model.num_layers",
@@ -95,6 +103,13 @@ def validate_job(job: JobConfig, preset: LongNetPreset) -> None:
             "data.prefixes is empty: give the output prefix of `longnet-prep pack` "
             "(or data.synthetic=true for a throughput run on random tokens)"
         )
+    if job.eval.interval and job.eval.prefix and not os.path.exists(summary_path(job.eval.prefix)):
+        raise ConfigError(
+            f"eval.prefix={job.eval.prefix}: {summary_path(job.eval.prefix)} does not exist; give the "
+            "output prefix of `longnet-prep pack`"
+        )
+    if job.eval.interval and job.data.synthetic and not job.eval.prefix:
+        raise ConfigError("eval.interval needs eval.prefix with data.synthetic=true (no held-out data)")
     d = job.data
     # Document masking and per-document positions need documents (end-of-document tokens); packed
     # data's are checked with its metadata in train.job.resolve_job.
@@ -129,6 +144,7 @@ def _validate_values(job: JobConfig) -> None:
     choice("train.precision", t.precision, PRECISIONS)
     choice("optim.decay_style", o.decay_style, DECAY_STYLES)
     choice("checkpoint.optimizer_sharding", c.optimizer_sharding, OPTIMIZER_SHARDING)
+    choice("eval.split", job.eval.split, SPLITS)
     for key in _POSITIVE:
         positive(key, job.get(key))
     for key in _NON_NEGATIVE:
@@ -144,6 +160,7 @@ def _validate_values(job: JobConfig) -> None:
         raise ConfigError(
             f"model.loss_chunk_tokens={m.loss_chunk_tokens} must be >= 0 (0: off; null: automatic)"
         )
+    _validate_fp8(job)
     if not 0.0 <= m.hidden_dropout < 1.0:
         raise ConfigError(f"model.hidden_dropout={m.hidden_dropout} must be in [0, 1)")
     if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
@@ -161,6 +178,26 @@ def _validate_values(job: JobConfig) -> None:
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not divisible by "
             f"train.micro_batch_size={t.micro_batch_size}"
+        )
+
+
+def _validate_fp8(job: JobConfig) -> None:
+    """FP8 runs the Transformer Engine linears: TE layers and bf16. The device (CUDA, compute
+    capability, TE importable) is checked when the trainer starts: longnet_megatron.train.fp8."""
+    m = job.model
+    if m.fp8 is None:
+        return
+    choice("model.fp8", m.fp8, FP8_RECIPES)
+    choice("model.fp8_format", m.fp8_format, FP8_FORMATS)
+    choice("model.fp8_amax_compute_algo", m.fp8_amax_compute_algo, FP8_AMAX_ALGOS)
+    if m.use_te is False:
+        raise ConfigError(
+            f"model.fp8={m.fp8} runs the Transformer Engine linears: it needs model.use_te=true (or null)"
+        )
+    if job.train.precision != "bf16":
+        raise ConfigError(
+            f"model.fp8={m.fp8} needs train.precision=bf16 (FP8 GEMMs keep bf16 weights and activations), "
+            f"not {job.train.precision}"
         )
 
 
@@ -224,6 +261,13 @@ def validate_world(job: JobConfig, world_size: int, seq_length: int) -> None:
         raise ConfigError(
             f"model.seq_length={seq_length} / parallel.context_parallel_size={cp} is not divisible by "
             f"parallel.tensor_model_parallel_size={tp} (sequence parallelism splits it)"
+        )
+    tokens = t.micro_batch_size * seq_length // cp // (tp if p.sequence_parallel else 1)
+    if job.model.fp8 is not None and tokens % 16:
+        raise ConfigError(
+            f"model.fp8={job.model.fp8}: FP8 GEMMs need the tokens of a micro-batch on a rank "
+            f"(train.micro_batch_size x model.seq_length / cp{' / tp' if p.sequence_parallel else ''} "
+            f"= {tokens}) to be a multiple of 16"
         )
     mp = layout.model_parallel_size()
     if world_size % mp:

@@ -1,0 +1,53 @@
+"""tools/bench_fp8.py: the loss comparison and the table (the runs themselves need an FP8 GPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+
+from tests.train.conftest import REPO
+
+SCRIPT = os.path.join(REPO, "tools", "bench_fp8.py")
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("bench_fp8", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rows(losses):
+    return [{"step": s, "loss": loss, "tokens_per_s": 1000.0} for s, loss in losses]
+
+
+def test_fp8_runs_are_compared_with_bf16_at_the_same_steps():
+    tool = load_tool()
+    bf16 = _rows([(1, 11.0), (10, 8.0), (20, 6.0), (30, 5.0)])
+    fp8 = _rows([(1, 11.0), (10, 8.2), (20, 6.1), (30, 4.9)])
+    c = tool.compare(bf16, fp8, window=20)
+    assert c["max_abs_diff"] == pytest.approx(0.2)
+    assert c["tail_mean_abs_diff"] == pytest.approx(0.1)  # steps 20 and 30
+    assert c["tail_mean_rel_diff"] == pytest.approx((0.1 / 6.0 + 0.1 / 5.0) / 2)
+    assert (c["final_loss"], c["final_loss_bf16"]) == (4.9, 5.0)
+    meta = {
+        "device": "GPU",
+        "preset": "125m",
+        "seq_length": 4096,
+        "steps": 30,
+        "global_batch": 8,
+        "data": "d",
+        "window": 20,
+        "command": "python tools/bench_fp8.py",
+        "date": "today",
+    }
+    table = tool.markdown(
+        {"meta": meta, "runs": {"bf16": bf16, "fp8 delayed": fp8}, "comparison": {"fp8 delayed": c}}
+    )
+    assert "| fp8 delayed | 11.0000 | 8.2000 | 4.9000 | 0.1000 | 1.83% | 1,000 |" in table
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--recipes", "mxfp8"])
