@@ -10,7 +10,7 @@ import click
 
 from data_prep.pack import DEFAULT_SEQ_LENGTH, LONG_DOC_POLICIES, TAIL_POLICIES
 from data_prep.readers import FORMATS
-from data_prep.tokenize import ON_ERROR
+from data_prep.tokenize_corpus import ON_ERROR
 from data_prep.tokenizers import DEFAULT_TOKENIZER
 
 _overwrite = click.option("--overwrite", is_flag=True, help="Replace existing outputs (default: refuse).")
@@ -77,7 +77,7 @@ def tokenize(inputs, output, tokenizer, text_key, fmt, pattern, workers, on_erro
     Each document becomes its tokens plus the end-of-document token. The output is the same for any
     number of workers.
     """
-    from data_prep.tokenize import tokenize_corpus
+    from data_prep.tokenize_corpus import tokenize_corpus
 
     stats = tokenize_corpus(
         inputs,
@@ -168,7 +168,7 @@ def pack(inputs, output, seq_length, seed, split, tail, long_docs, overwrite, qu
 @click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
 def inspect(prefix, sample, max_tokens, as_json) -> None:
     """Counts, token-length histogram and decoded samples of the dataset at PREFIX."""
-    from data_prep.inspect import dataset_summary, decode_sample, format_summary
+    from data_prep.inspect_dataset import dataset_summary, decode_sample, format_summary
 
     summary = dataset_summary(prefix)
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))

@@ -9,7 +9,7 @@ import torch
 
 from data_prep.megatron_config import gpt_dataset_config_for, model_inputs, packed_sequence_index
 from data_prep.pack import pack_datasets
-from data_prep.tokenize import tokenize_corpus
+from data_prep.tokenize_corpus import tokenize_corpus
 
 L = 48
 

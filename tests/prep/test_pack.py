@@ -10,7 +10,7 @@ import pytest
 
 from data_prep.errors import PrepError
 from data_prep.pack import pack_datasets, split_documents
-from data_prep.tokenize import tokenize_corpus
+from data_prep.tokenize_corpus import tokenize_corpus
 
 EOD = 100257
 

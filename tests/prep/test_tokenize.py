@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import tiktoken_ext
 
-from data_prep import tokenize as tokenize_module
+from data_prep import tokenize_corpus as tokenize_module
 from data_prep.errors import PrepError
 from data_prep.meta import read_meta
-from data_prep.tokenize import tokenize_corpus
+from data_prep.tokenize_corpus import tokenize_corpus
 from data_prep.tokenizers import get_tokenizer
 
 RANK_FILE = str(Path(tiktoken_ext.__path__[0]) / "data" / "cl100k_base.tiktoken")
