@@ -107,14 +107,20 @@ def test_directories_and_globs_with_a_name_pattern(tmp_path, read_docs):
     assert sorted(decoded(tmp_path / "glob", read_docs)) == sorted(["import os\n", "x = 1\n", "y = 2\n"])
 
 
-def test_same_bytes_for_any_number_of_workers(tmp_path, many_docs_corpus):
+def test_same_bytes_for_any_number_of_workers_and_either_encoder(tmp_path, many_docs_corpus):
     corpus, _ = many_docs_corpus
-    for w in (1, 2, 3):
-        run([corpus], tmp_path / f"w{w}", workers=w, batch_docs=7)  # many small batches
+    runs = {
+        "w1": {"workers": 1},
+        "w2": {"workers": 2},
+        "w3": {"workers": 3},
+        "tiktoken": {"encoder": "tiktoken"},
+    }
+    for name, kw in runs.items():
+        stats = run([corpus], tmp_path / name, batch_docs=7, **kw)  # many small batches
+        assert stats.encoder == ("tiktoken" if name == "tiktoken" else "quicktok")
     for ext in (".bin", ".idx"):
         ref = (tmp_path / f"w1{ext}").read_bytes()
-        assert (tmp_path / f"w2{ext}").read_bytes() == ref
-        assert (tmp_path / f"w3{ext}").read_bytes() == ref
+        assert all((tmp_path / f"{name}{ext}").read_bytes() == ref for name in runs)
 
 
 def test_megatron_indexed_dataset_reads_documents(tmp_path, many_docs_corpus):
