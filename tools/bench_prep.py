@@ -183,10 +183,10 @@ class Tools:
             subprocess.run(pip, check=True)
             self.megatron_env["PYTHONPATH"] = str(deps)
 
-    def longnet(self, corpus: Path, out: Path, encoder: str) -> dict:
+    def longnet(self, corpus: Path, out: Path, encoder: str | None, checkout: Path = REPO) -> dict:
         cmd = [sys.executable, "-m", "data_prep", "tokenize", str(corpus), "-o", str(out)]
-        cmd += ["-j", str(WORKERS), "--encoder", encoder, "-q", "--overwrite"]
-        return timed(cmd, out.with_suffix(".log"), self.env)
+        cmd += ["-j", str(WORKERS), "-q", "--overwrite"] + (["--encoder", encoder] if encoder else [])
+        return timed(cmd, out.with_suffix(".log"), dict(self.env, PYTHONPATH=str(checkout)))
 
     def megatron(self, corpus: Path, out: Path) -> dict:
         cmd = [sys.executable, "-W", "ignore", str(self.megatron_lm / "tools" / "preprocess_data.py")]
@@ -249,20 +249,25 @@ def encoder_candidates() -> dict:
 
 
 def compare_encoders(corpus: Path) -> list[dict]:
-    """One-core time of each candidate over the corpus texts, and its documents that differ from tiktoken's."""
+    """One-core time of each candidate over the corpus texts, and its documents that differ from
+    tiktoken's. Compared 4096 documents at a time (lists of Python ints for the whole corpus would
+    take gigabytes); only the encode calls are timed."""
     import numpy as np
 
     with open(corpus) as f:
         texts = [json.loads(line)["text"] for line in f]
     nbytes = sum(len(t.encode("utf-8")) for t in texts)
-    rows, reference = [], None
+    chunks = [texts[i : i + 4096] for i in range(0, len(texts), 4096)]
+    rows, reference = [], []
     for name, encode in encoder_candidates().items():
-        start, ids = time.perf_counter(), []
-        for i in range(0, len(texts), 4096):
-            ids += encode(texts[i : i + 4096])
-        seconds = time.perf_counter() - start
-        reference = reference or ids
-        differing = sum(not np.array_equal(a, b) for a, b in zip(reference, ids))
+        seconds, differing = 0.0, 0
+        for k, chunk in enumerate(chunks):
+            start = time.perf_counter()
+            ids = encode(chunk)
+            seconds += time.perf_counter() - start
+            if not rows:
+                reference.append([np.asarray(x, dtype=np.uint32) for x in ids])
+            differing += sum(not np.array_equal(a, b) for a, b in zip(reference[k], ids))
         rows.append(
             {
                 "encoder": name,
@@ -304,6 +309,13 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/prep", help="Writes OUT.json and OUT.md.")
     ap.add_argument("--workdir", default=None, help="Scratch directory (default: a temporary one).")
     ap.add_argument("--compare-encoders", action="store_true", help="Also time cl100k encoders on one core.")
+    ap.add_argument(
+        "--previous",
+        type=Path,
+        default=None,
+        help="Also run longnet-prep from this checkout (e.g. the commit before a change), labelled by --previous-ref.",
+    )
+    ap.add_argument("--previous-ref", default="previous", help="Label of --previous.")
     args = ap.parse_args()
     megatron_lm = args.megatron_lm.resolve()
     if not (megatron_lm / "tools" / "preprocess_data.py").is_file():
@@ -323,6 +335,11 @@ def main() -> None:
             names[1]: lambda c, o: tools.longnet(c, o, "tiktoken"),
             names[2]: tools.megatron,
         }
+        if args.previous is not None:
+            previous = f"longnet-prep at {args.previous_ref}"
+            names += (previous,)
+            outputs[previous] = "previous"
+            commands[previous] = lambda c, o: tools.longnet(c, o, None, args.previous.resolve())
         runs: dict[str, list[dict]] = {n: [] for n in names}
         startup: dict[str, list[dict]] = {n: [] for n in names}
         identical = True
@@ -334,6 +351,8 @@ def main() -> None:
             megatron_prefix = str(scratch / "megatron") + "_text_document"
             identical &= same_files(str(scratch / "ours"), megatron_prefix)
             identical &= same_files(str(scratch / "ours"), str(scratch / "ours_tiktoken"))
+            if args.previous is not None:
+                identical &= same_files(str(scratch / "ours"), str(scratch / "previous"))
         with open(scratch / "ours.meta.json") as f:
             stats = json.load(f)["stats"]
         encoders = compare_encoders(corpus) if args.compare_encoders else []
