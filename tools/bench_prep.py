@@ -166,6 +166,42 @@ def timed(cmd: list[str], log: Path, env: dict | None = None, cwd: Path = REPO) 
     return {"wall_s": wall, "peak_pss_bytes": peak_pss, "peak_rss_sum_bytes": peak_rss, "load_before": load}
 
 
+def run_longnet(corpus: Path, out: Path, encoder: str | None, checkout: Path = REPO) -> dict:
+    """``longnet-prep tokenize`` of ``checkout`` (``encoder`` None: the checkout's default)."""
+    cmd = [sys.executable, "-m", "data_prep", "tokenize", str(corpus), "-o", str(out)]
+    cmd += ["-j", str(WORKERS), "-q", "--overwrite"] + (["--encoder", encoder] if encoder else [])
+    # cwd too: ``python -m`` puts the working directory first on sys.path
+    return timed(cmd, out.with_suffix(".log"), dict(os.environ, PYTHONPATH=str(checkout)), cwd=checkout)
+
+
+def amend_with_previous(args: argparse.Namespace) -> None:
+    """Measure ``--previous`` alone and add it to the record in OUT.json (same corpus, by sha256)."""
+    out = REPO / args.out
+    record = json.loads(out.with_suffix(".json").read_text())
+    names = tuple(n for n in record["results"] if not n.startswith("longnet-prep at "))
+    previous = f"longnet-prep at {args.previous_ref}"
+    runs, startup = [], []
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        scratch = Path(tmp)
+        corpus, one = scratch / "corpus.jsonl", scratch / "one.jsonl"
+        if write_corpus(corpus)["sha256"] != record["corpus"]["sha256"]:
+            raise SystemExit(f"the corpus differs from the one of {out}.json: measure everything again")
+        with open(corpus) as f:
+            one.write_text(f.readline())
+        for _ in range(args.repeats):
+            startup.append(run_longnet(one, scratch / "one_previous", None, args.previous.resolve()))
+            runs.append(run_longnet(corpus, scratch / "previous", None, args.previous.resolve()))
+            print(f"{previous}: {runs[-1]['wall_s']:.1f} s", flush=True)
+        run_longnet(corpus, scratch / "ours", "auto")
+        identical = same_files(str(scratch / "ours"), str(scratch / "previous"))
+    megatron_median = record["results"][names[2]]["median_wall_s"]
+    result = summarize(runs) | {"startup": summarize(startup)}
+    record["results"][previous] = result | {"speedup_vs_megatron": megatron_median / result["median_wall_s"]}
+    record["tokens_identical"] = record["tokens_identical"] and identical
+    record["amended_with"] = "python tools/bench_prep.py " + " ".join(sys.argv[1:])
+    write_report(record, out, names + (previous,))
+
+
 class Tools:
     """The commands of the side-by-side, writing under ``scratch``."""
 
@@ -173,7 +209,6 @@ class Tools:
         self.scratch, self.megatron_lm = scratch, megatron_lm
         self.hf = scratch / "hf_cl100k"
         write_hf_cl100k(self.hf)
-        self.env = dict(os.environ, PYTHONPATH=str(REPO))
         self.megatron_env = dict(os.environ)
         try:
             import six  # noqa: F401
@@ -184,9 +219,7 @@ class Tools:
             self.megatron_env["PYTHONPATH"] = str(deps)
 
     def longnet(self, corpus: Path, out: Path, encoder: str | None, checkout: Path = REPO) -> dict:
-        cmd = [sys.executable, "-m", "data_prep", "tokenize", str(corpus), "-o", str(out)]
-        cmd += ["-j", str(WORKERS), "-q", "--overwrite"] + (["--encoder", encoder] if encoder else [])
-        return timed(cmd, out.with_suffix(".log"), dict(self.env, PYTHONPATH=str(checkout)))
+        return run_longnet(corpus, out, encoder, checkout)
 
     def megatron(self, corpus: Path, out: Path) -> dict:
         cmd = [sys.executable, "-W", "ignore", str(self.megatron_lm / "tools" / "preprocess_data.py")]
@@ -261,13 +294,18 @@ def compare_encoders(corpus: Path) -> list[dict]:
     rows, reference = [], []
     for name, encode in encoder_candidates().items():
         seconds, differing = 0.0, 0
-        for k, chunk in enumerate(chunks):
-            start = time.perf_counter()
-            ids = encode(chunk)
-            seconds += time.perf_counter() - start
-            if not rows:
-                reference.append([np.asarray(x, dtype=np.uint32) for x in ids])
-            differing += sum(not np.array_equal(a, b) for a, b in zip(reference[k], ids))
+        try:
+            for k, chunk in enumerate(chunks):
+                start = time.perf_counter()
+                ids = encode(chunk)
+                seconds += time.perf_counter() - start
+                if not rows:
+                    reference.append([np.asarray(x, dtype=np.uint32) for x in ids])
+                differing += sum(not np.array_equal(a, b) for a, b in zip(reference[k], ids))
+        except Exception as e:  # noqa: BLE001 - a candidate that cannot encode the corpus is a result
+            rows.append({"encoder": name, "error": f"{type(e).__name__}: {e}"})
+            print(f"{name}: {rows[-1]['error']}", flush=True)
+            continue
         rows.append(
             {
                 "encoder": name,
@@ -278,7 +316,8 @@ def compare_encoders(corpus: Path) -> list[dict]:
         )
         print(f"{name}: {seconds:.1f} s, {differing} documents differ", flush=True)
     for row in rows:
-        row["speedup_vs_tiktoken"] = rows[0]["seconds"] / row["seconds"]
+        if "seconds" in row:
+            row["speedup_vs_tiktoken"] = rows[0]["seconds"] / row["seconds"]
     return rows
 
 
@@ -300,14 +339,24 @@ def summarize(runs: list[dict]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--megatron-lm", required=True, type=Path, help="Megatron-LM tree (see above).")
+    ap.add_argument("--megatron-lm", type=Path, help="Megatron-LM tree (see above); required to measure.")
     ap.add_argument("--megatron-lm-ref", default="", help="Its tag and commit, for the record.")
     ap.add_argument("--repeats", type=int, default=3, help="Interleaved repeats; medians are reported.")
+    ap.add_argument(
+        "--megatron-repeats",
+        type=int,
+        default=None,
+        help="Repeats of Megatron-LM's tool, in the first repeats (default: --repeats; it is the slow one).",
+    )
     ap.add_argument(
         "--limit-mb", type=float, default=None, help="Stop the corpus at this size (a quick run)."
     )
     ap.add_argument("--out", default="benchmarks/prep", help="Writes OUT.json and OUT.md.")
     ap.add_argument("--workdir", default=None, help="Scratch directory (default: a temporary one).")
+    ap.add_argument("--rewrite-report", action="store_true", help="Only rewrite OUT.md from OUT.json.")
+    ap.add_argument(
+        "--amend", action="store_true", help="Only measure --previous and add it to OUT.json (same corpus)."
+    )
     ap.add_argument("--compare-encoders", action="store_true", help="Also time cl100k encoders on one core.")
     ap.add_argument(
         "--previous",
@@ -317,6 +366,17 @@ def main() -> None:
     )
     ap.add_argument("--previous-ref", default="previous", help="Label of --previous.")
     args = ap.parse_args()
+    if args.rewrite_report:
+        record = json.loads((REPO / args.out).with_suffix(".json").read_text())
+        write_report(record, REPO / args.out, tuple(record["results"]))
+        return
+    if args.amend:
+        if args.previous is None:
+            raise SystemExit("--amend needs --previous")
+        amend_with_previous(args)
+        return
+    if args.megatron_lm is None:
+        raise SystemExit("--megatron-lm is required to measure")
     megatron_lm = args.megatron_lm.resolve()
     if not (megatron_lm / "tools" / "preprocess_data.py").is_file():
         raise SystemExit(f"{megatron_lm}/tools/preprocess_data.py not found")
@@ -345,6 +405,8 @@ def main() -> None:
         identical = True
         for repeat in range(args.repeats):
             for name in names:
+                if name == names[2] and repeat >= (args.megatron_repeats or args.repeats):
+                    continue
                 startup[name].append(commands[name](one, scratch / f"one_{outputs[name]}"))
                 runs[name].append(commands[name](corpus, scratch / outputs[name]))
                 print(f"repeat {repeat + 1}: {name}: {runs[name][-1]['wall_s']:.1f} s", flush=True)
@@ -355,7 +417,7 @@ def main() -> None:
                 identical &= same_files(str(scratch / "ours"), str(scratch / "previous"))
         with open(scratch / "ours.meta.json") as f:
             stats = json.load(f)["stats"]
-        encoders = compare_encoders(corpus) if args.compare_encoders else []
+        encoders = []
 
     results = {n: summarize(runs[n]) | {"startup": summarize(startup[n])} for n in names}
     megatron_median = results[names[2]]["median_wall_s"]
@@ -382,6 +444,11 @@ def main() -> None:
         "encoders_one_core": encoders,
     }
     write_report(record, REPO / args.out, names)
+    if args.compare_encoders:  # after the side-by-side is saved: this part takes minutes
+        with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+            write_corpus(Path(tmp) / "corpus.jsonl", args.limit_mb)
+            record["encoders_one_core"] = compare_encoders(Path(tmp) / "corpus.jsonl")
+        write_report(record, REPO / args.out, names)
     if not identical:
         raise SystemExit("the tools wrote different tokens: see the report")
 
@@ -393,6 +460,11 @@ def write_report(record: dict, out: Path, names: tuple[str, ...]) -> None:
         "# `longnet-prep tokenize` against Megatron-LM's `tools/preprocess_data.py`",
         "",
         f"Command: `{record['command']}`  ",
+        *(
+            [f"Then: `{record['amended_with']}` (the last row, measured after the rest)  "]
+            if "amended_with" in record
+            else []
+        ),
         f"Date: {record['date']}  ",
         f"Machine: {record['machine']}; {record['workers']} workers for each tool  ",
         f"Corpus: {corpus['what']}, {corpus['documents']:,} documents, {corpus['bytes'] / 1e6:,.1f} MB, "
@@ -411,13 +483,14 @@ def write_report(record: dict, out: Path, names: tuple[str, ...]) -> None:
             f"{r['speedup_vs_megatron']:.2f}x | {r['median_peak_pss_bytes'] / mib:,.0f} | "
             f"{r['startup']['median_wall_s']:.1f} |"
         )
-    loads = [x for r in results.values() for x in r["load_before"]]
     md += [
         "",
         "Wall time of the whole command, start-up included (start-up: the same command on a "
         "one-document corpus). Peak PSS: the whole process tree, parent and workers, sampled every 0.5 s. "
-        f"Repeats interleaved; load average before the runs: {min(loads):.2f} to {max(loads):.2f} "
-        "(a shared 2-core machine).",
+        "Repeats interleaved (Megatron-LM's, the slowest, only in the first "
+        f"{len(results[names[2]]['wall_s'])}); 1-minute load average before each run: "
+        + ", ".join(f"{n} {'/'.join(f'{x:.1f}' for x in results[n]['load_before'])}" for n in names)
+        + " (a 2-core machine shared with other jobs: a load above 2 slows every run).",
         "",
         "Megatron-LM runs with `--tokenizer-type HuggingFaceTokenizer` on cl100k converted from the "
         "same rank file, because its TikTokenizer cannot load cl100k's ranks; see the docstring of "
@@ -435,6 +508,8 @@ def write_report(record: dict, out: Path, names: tuple[str, ...]) -> None:
         md += [
             f"| {r['encoder']} | {r['seconds']:.1f} | {r['mb_per_s']:.1f} | {r['speedup_vs_tiktoken']:.2f}x | "
             f"{r['differing_documents']:,} |"
+            if "seconds" in r
+            else f"| {r['encoder']} | fails: {r['error'][:120]} | | | |"
             for r in record["encoders_one_core"]
         ]
     out.parent.mkdir(parents=True, exist_ok=True)
