@@ -27,7 +27,10 @@ tree (sampled every 0.5 s; PSS splits pages shared by forked workers, so the sum
 holds). Start-up alone: the same commands on a one-document corpus. Repeats are interleaved and
 medians reported, with the load average before each run: the machine may be shared.
 
-    python tools/bench_prep.py --megatron-lm /tmp/megatron-lm --repeats 3 --out benchmarks/prep
+    git -C Megatron-LM archive core_v0.16.1 megatron/training megatron/legacy megatron/rl \
+        megatron/post_training tools/preprocess_data.py | tar -x -C /tmp/megatron-lm
+    python tools/bench_prep.py --megatron-lm /tmp/megatron-lm --megatron-lm-ref core_v0.16.1 \
+        --repeats 3 --megatron-repeats 1 --previous ../main --previous-ref main --compare-encoders
 """
 
 from __future__ import annotations
