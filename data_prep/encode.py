@@ -81,9 +81,15 @@ def set_worker_state(tokenizer: Tokenizer, text_key: str, dtype: str) -> None:
     _worker.update(tokenizer=tokenizer, text_key=text_key, dtype=np.dtype(dtype))
 
 
-def init_worker(tokenizer_description: dict[str, Any], text_key: str, dtype: str) -> None:
+def init_worker(tokenizer_description: dict[str, Any], encoder: str, text_key: str, dtype: str) -> None:
     """Pool initializer for spawned workers: build the tokenizer once per process."""
-    set_worker_state(get_tokenizer(tokenizer_description), text_key, dtype)
+    set_worker_state(get_tokenizer(tokenizer_description, encoder), text_key, dtype)
+
+
+def transport_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every id: what a batch travels in to the parent (the
+    writer casts to the dtype on disk)."""
+    return np.min_scalar_type(vocab_size - 1)
 
 
 def encode_records(

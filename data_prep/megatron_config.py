@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from data_prep.errors import PrepError
+from data_prep.meta import PACKED
 from data_prep.pack import SPLITS, split_prefix, summary_path
+from data_prep.tokenizers import get_tokenizer
 
 
 class MegatronTokenizerView:
@@ -33,12 +36,41 @@ class MegatronTokenizerView:
 
 
 def read_pack_summary(prefix: str) -> dict[str, Any]:
-    """The ``<prefix>.pack.json`` written by ``longnet-prep pack``."""
+    """The ``<prefix>.pack.json`` written by ``longnet-prep pack``, checked.
+
+    The one reader of that file. Raises :class:`PrepError` (one line naming the file) when it is
+    missing, unreadable or truncated, not a pack summary, or when its train split holds no sequence
+    (training on it would have nothing to read).
+    """
     path = summary_path(prefix)
     if not os.path.exists(path):
         raise PrepError(f"{path} not found: {prefix} is not the output prefix of `longnet-prep pack`")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PrepError(f"cannot read {path} ({e}); pack {prefix} again") from e
+    if not isinstance(summary, dict) or summary.get("format") != PACKED:
+        raise PrepError(f"{path} is not a summary written by `longnet-prep pack` (format {PACKED!r})")
+    splits = summary.get("splits")
+    valid = (
+        isinstance(summary.get("seq_length"), int)
+        and isinstance(summary.get("tokenizer"), dict)
+        and isinstance(splits, dict)
+        and all(isinstance(v, dict) and isinstance(v.get("sequences"), int) for v in splits.values())
+    )
+    if not valid:
+        raise PrepError(f"{path} lacks seq_length, tokenizer or per-split counts; pack {prefix} again")
+    if _sequences(summary, "train") == 0:
+        raise PrepError(
+            f"{prefix}: the train split holds no sequence ({path}: split {summary.get('split')}, "
+            f"L = {summary['seq_length']:,}); pack it again with more data, a train weight or a smaller L"
+        )
+    return summary
+
+
+def _sequences(summary: dict[str, Any], split: str) -> int:
+    return int(summary["splits"].get(split, {}).get("sequences", 0))
 
 
 def gpt_dataset_config_for(
@@ -50,13 +82,15 @@ def gpt_dataset_config_for(
     reset_position_ids: bool = False,
     reset_attention_mask: bool = False,
     eod_mask_loss: bool = False,
+    required_splits: Sequence[str] = ("train",),
 ):
     """A ``GPTDatasetConfig`` that reads the packed dataset ``prefix`` one packed sequence per sample.
 
-    ``seq_length`` (the model's L) is checked against the packed length when given. Splits that are
-    empty or were not written get no blend (Megatron builds no dataset for them). The index cache
-    goes to ``path_to_cache`` (default ``<prefix>_gpt_cache``). The attention mask is not built:
-    at L = 1M a dense mask would not fit; the attention kernel masks causally itself.
+    ``seq_length`` (the model's L) is checked against the packed length when given. A split in
+    ``required_splits`` that holds no sequence is a :class:`PrepError` naming the prefix and split;
+    other empty or unwritten splits get no blend (Megatron builds no dataset for them). The index
+    cache goes to ``path_to_cache`` (default ``<prefix>_gpt_cache``). The attention mask is not
+    built: at L = 1M a dense mask would not fit; the attention kernel masks causally itself.
     """
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
@@ -64,13 +98,17 @@ def gpt_dataset_config_for(
     length = int(summary["seq_length"])
     if seq_length is not None and seq_length != length:
         raise PrepError(f"{prefix} is packed for seq_length {length}, not {seq_length}; pack it again")
-    from data_prep.tokenizers import get_tokenizer
-
+    for split in required_splits:
+        if split not in SPLITS:
+            raise PrepError(f"unknown split {split!r}: the splits are {', '.join(SPLITS)}")
+        if _sequences(summary, split) == 0:
+            raise PrepError(
+                f"{prefix}: the {split} split holds no sequence ({summary_path(prefix)}); "
+                f"pack it again with a {split} weight and enough data for L = {length:,}"
+            )
     tok = get_tokenizer(summary["tokenizer"])
-    splits = summary["splits"]
     blend_per_split = [
-        ([split_prefix(prefix, s)], None) if splits.get(s, {}).get("sequences", 0) > 0 else None
-        for s in SPLITS
+        ([split_prefix(prefix, s)], None) if _sequences(summary, s) > 0 else None for s in SPLITS
     ]
     return GPTDatasetConfig(
         random_seed=random_seed,

@@ -12,6 +12,7 @@ import numpy as np
 
 from data_prep.atomic import atomic_outputs
 from data_prep.errors import PrepError
+from data_prep.indexed import check_indexed_dataset
 from data_prep.meta import BOUNDARIES, PACKED, dataset_paths, meta_path, read_meta, write_meta
 from data_prep.pack import boundaries_prefix
 
@@ -32,6 +33,10 @@ def merge_datasets(inputs: Sequence[str], output_prefix: str, *, overwrite: bool
             if m.get(key) != metas[0].get(key):
                 raise PrepError(f"{p} differs from {inputs[0]} in {key}: {m.get(key)} != {metas[0].get(key)}")
     packed = metas[0]["format"] == PACKED
+    for p in inputs:  # Megatron's add_index copies a .bin without looking at its size
+        check_indexed_dataset(p)
+        if packed:
+            check_indexed_dataset(boundaries_prefix(p))
     prefixes = [output_prefix] + ([boundaries_prefix(output_prefix)] if packed else [])
     paths = [p for prefix in reversed(prefixes) for p in dataset_paths(prefix)]
     dtypes = {output_prefix: np.dtype(metas[0]["dtype"]).type, boundaries_prefix(output_prefix): np.int32}

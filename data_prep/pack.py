@@ -21,6 +21,7 @@ positions in packed sequence j where a document segment starts; 0 is always firs
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -29,6 +30,7 @@ import numpy as np
 
 from data_prep.atomic import atomic_outputs
 from data_prep.errors import PrepError
+from data_prep.indexed import open_indexed_dataset
 from data_prep.meta import BOUNDARIES, PACKED, TOKENIZED, dataset_paths, meta_path, read_meta, write_meta
 from data_prep.progress import Progress
 
@@ -36,6 +38,7 @@ SPLITS = ("train", "valid", "test")
 TAIL_POLICIES = ("drop", "pad")
 LONG_DOC_POLICIES = ("split", "truncate", "drop")
 DEFAULT_SEQ_LENGTH = 1 << 20
+MAX_SEQ_LENGTH = int(np.iinfo(np.int32).max) - 2  # L+1 and the int32 segment starts must fit int32
 
 
 @dataclass
@@ -66,14 +69,31 @@ def boundaries_prefix(prefix: str) -> str:
 
 
 def parse_split(split: str) -> list[float]:
-    """``"98,1,1"`` (any non-negative weights, 1 to 3 of them) to three weights."""
+    """``"98,1,1"`` (1 to 3 finite, non-negative weights with a positive sum) to three weights."""
     try:
         weights = [float(x) for x in split.split(",")]
     except ValueError:
         raise PrepError(f"--split {split!r}: expected comma-separated numbers like 98,1,1") from None
-    if not 1 <= len(weights) <= 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise PrepError(f"--split {split!r}: expected 1 to 3 non-negative weights with a positive sum")
+    if (
+        not 1 <= len(weights) <= 3
+        or not all(math.isfinite(w) and w >= 0 for w in weights)
+        or sum(weights) <= 0
+    ):
+        raise PrepError(
+            f"--split {split!r}: expected 1 to 3 finite, non-negative weights with a positive sum"
+        )
     return weights + [0.0] * (3 - len(weights))
+
+
+def sequences_from(lengths: np.ndarray, full: int, tail: str, long_docs: str) -> int:
+    """How many sequences of ``full`` tokens documents of ``lengths`` make under the policies."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if long_docs == "drop":
+        lengths = lengths[lengths <= full]
+    elif long_docs == "truncate":
+        lengths = np.minimum(lengths, full)
+    tokens = int(lengths.sum())
+    return -(-tokens // full) if tail == "pad" else tokens // full
 
 
 def split_documents(order: np.ndarray, weights: Sequence[float]) -> list[np.ndarray]:
@@ -124,8 +144,6 @@ class SequencePacker:
 
 
 def _load_inputs(inputs: Sequence[str]):
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     if not inputs:
         raise PrepError("no input datasets given")
     metas = [read_meta(p) for p in inputs]
@@ -134,7 +152,7 @@ def _load_inputs(inputs: Sequence[str]):
             raise PrepError(f"{p} is not a dataset made by `longnet-prep tokenize` (or merge)")
         if m["tokenizer"] != metas[0]["tokenizer"] or m["dtype"] != metas[0]["dtype"]:
             raise PrepError(f"{p} uses another tokenizer than {inputs[0]}; pack datasets of one tokenizer")
-    return [IndexedDataset(p) for p in inputs], metas[0]
+    return [open_indexed_dataset(p) for p in inputs], metas[0]
 
 
 def pack_datasets(
@@ -150,8 +168,10 @@ def pack_datasets(
     progress: bool = True,
 ) -> dict[str, SplitStats]:
     """Pack the documents of ``inputs`` into sequences of ``seq_length + 1`` tokens; see the module docs."""
-    if not 1 <= seq_length < np.iinfo(np.int32).max - 1:
-        raise PrepError(f"--seq-length must be between 1 and {np.iinfo(np.int32).max - 2}")
+    if not 1 <= seq_length <= MAX_SEQ_LENGTH:
+        raise PrepError(f"--seq-length must be between 1 and {MAX_SEQ_LENGTH}")
+    if seed < 0:
+        raise PrepError("--seed must be a non-negative integer")
     if tail not in TAIL_POLICIES or long_docs not in LONG_DOC_POLICIES:
         raise PrepError(f"--tail must be one of {TAIL_POLICIES}, --long-docs one of {LONG_DOC_POLICIES}")
     weights = parse_split(split)
@@ -162,6 +182,14 @@ def pack_datasets(
     order = np.random.default_rng(seed).permutation(len(local))
     parts = split_documents(order, weights)
     full = seq_length + 1
+    if weights[0] > 0:
+        lengths = np.concatenate([d.sequence_lengths for d in datasets])[parts[0]]
+        if sequences_from(lengths, full, tail, long_docs) == 0:
+            raise PrepError(
+                f"the train split would hold no sequence of L+1 = {full:,} tokens: its {len(lengths):,} "
+                f"documents hold {int(lengths.sum()):,} tokens (--long-docs {long_docs}, --tail {tail}); "
+                "lower --seq-length, add data, or pass --tail pad"
+            )
 
     active = [(s, docs) for s, docs, w in zip(SPLITS, parts, weights) if w > 0]
     paths = [

@@ -4,7 +4,7 @@ The parent process only reads bytes; decoding (UTF-8, JSON) and validation happe
 (:mod:`data_prep.encode`), so the reader stays cheap and the order of records is the order of the
 input. Memory is one line (JSON lines), one file (plain text) or one record batch (Parquet).
 
-Formats, by file name after removing a ``.gz`` or ``.zst`` suffix:
+Formats, by file name after removing a compression suffix (``.gz``, ``.bz2``, ``.xz``, ``.zst``):
 
 * ``.jsonl``, ``.json``, ``.ndjson``: JSON lines, one document per line, text under ``--text-key``;
   blank lines are ignored.
@@ -14,9 +14,11 @@ Formats, by file name after removing a ``.gz`` or ``.zst`` suffix:
 
 from __future__ import annotations
 
+import bz2
 import glob
 import gzip
 import io
+import lzma
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ EOF = "eof"  # kind of the record that closes a file: no document, only its rema
 FORMATS = ("auto", JSONL, TEXT, PARQUET)
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 _PARQUET_SUFFIXES = (".parquet", ".pq")
-_COMPRESSED = (".gz", ".zst")
+_COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
 
 
 @dataclass
@@ -110,14 +112,63 @@ def detect_format(path: str, fmt: str = "auto") -> str:
     return TEXT
 
 
+class _ZstdFrames(io.RawIOBase):
+    """The zstd frames of ``raw``, decompressed one after another.
+
+    zstandard's own stream reader ends silently when a file ends inside a frame, so a truncated
+    ``.zst`` would lose its tail without a word; this reader raises ``EOFError`` there, as gzip,
+    bz2 and lzma do.
+    """
+
+    def __init__(self, raw: io.BufferedReader) -> None:
+        import zstandard  # only .zst inputs need it
+
+        self._raw = raw
+        self._new_frame = zstandard.ZstdDecompressor().decompressobj
+        self._frame = None  # the decompressor of the frame being read; None between frames
+        self._out = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._out:
+            chunk = self._raw.read(1 << 16)
+            if not chunk:
+                if self._frame is not None:
+                    raise EOFError("the file ends inside a zstd frame")
+                return 0
+            self._out = memoryview(self._decompress(chunk))
+        n = min(len(buffer), len(self._out))
+        buffer[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            if self._frame is None:
+                self._frame = self._new_frame()
+            out.append(self._frame.decompress(data))
+            if not self._frame.eof:
+                break
+            data, self._frame = self._frame.unused_data, None
+        return b"".join(out)
+
+
 def _open_stream(path: str, raw: io.BufferedReader) -> io.BufferedIOBase:
-    """A decompressing reader over ``raw`` (chosen by suffix); ``raw.tell()`` tracks input bytes."""
+    """A decompressing reader over ``raw`` (chosen by suffix); ``raw.tell()`` tracks input bytes.
+
+    Every decompressor raises ``EOFError`` when the file ends inside compressed data.
+    """
     if path.endswith(".gz"):
         return gzip.GzipFile(fileobj=raw, mode="rb")
+    if path.endswith(".bz2"):
+        return bz2.BZ2File(raw, mode="rb")
+    if path.endswith(".xz"):
+        return lzma.LZMAFile(raw, mode="rb")
     if path.endswith(".zst"):
-        import zstandard
-
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
+        return io.BufferedReader(_ZstdFrames(raw), buffer_size=1 << 20)
     return raw
 
 
@@ -176,5 +227,7 @@ def iter_records(paths: Sequence[str], fmt: str = "auto", text_key: str = "text"
                 yield from _text_record(path)
         except PrepError:
             raise
+        except EOFError as e:
+            raise PrepError(f"cannot read {path}: it is truncated ({e})") from e
         except Exception as e:  # OSError, gzip/zstd/arrow errors: all mean "this file cannot be read"
             raise PrepError(f"cannot read {path}: {type(e).__name__}: {e}") from e

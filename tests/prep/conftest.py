@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import json
+import lzma
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +24,20 @@ TEXTS = [
 ]
 
 
-def write_jsonl(path: Path, rows: list, compress: str | None = None) -> Path:
-    data = "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8")
-    if compress == "gz":
-        data = gzip.compress(data)
-    elif compress == "zst":
+COMPRESSIONS = ("gz", "bz2", "xz", "zst")
+
+
+def compress(data: bytes, kind: str | None) -> bytes:
+    """``data`` compressed as a ``.gz``/``.bz2``/``.xz``/``.zst`` file holds it (None: as is)."""
+    if kind == "zst":
         import zstandard
 
-        data = zstandard.ZstdCompressor().compress(data)
-    path.write_bytes(data)
+        return zstandard.ZstdCompressor().compress(data)
+    return {"gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress, None: bytes}[kind](data)
+
+
+def write_jsonl(path: Path, rows: list, compress_as: str | None = None) -> Path:
+    path.write_bytes(compress("".join(json.dumps(r) + "\n" for r in rows).encode("utf-8"), compress_as))
     return path
 
 

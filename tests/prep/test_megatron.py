@@ -3,13 +3,22 @@ the naive settings (seq_length = L, extra token) would straddle sequences."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from data_prep.megatron_config import gpt_dataset_config_for, model_inputs, packed_sequence_index
+from data_prep.errors import PrepError
+from data_prep.megatron_config import (
+    gpt_dataset_config_for,
+    model_inputs,
+    packed_sequence_index,
+    read_pack_summary,
+)
 from data_prep.pack import pack_datasets
-from data_prep.tokenize import tokenize_corpus
+from data_prep.tokenize_corpus import tokenize_corpus
 
 L = 48
 
@@ -68,3 +77,47 @@ def test_megatron_default_settings_would_straddle_packed_sequences(tmp_path, pac
         train[i]["tokens"].numpy().astype(np.int32).tobytes() in {s[:L] for s in seqs} for i in range(20)
     ]
     assert not all(matches)
+
+
+def _one_line_error(fn, *args, **kwargs) -> str:
+    with pytest.raises(PrepError) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_pack_summary_problems_are_one_line_prep_errors(tmp_path, packed):
+    summary = json.loads(Path(packed + ".pack.json").read_text())
+
+    def write(name, text):
+        (tmp_path / f"{name}.pack.json").write_text(text)
+        return str(tmp_path / name)
+
+    assert "not found" in _one_line_error(read_pack_summary, str(tmp_path / "none"))
+    truncated = write("trunc", json.dumps(summary)[:40])
+    assert "cannot read" in _one_line_error(read_pack_summary, truncated)
+    for text in ("[1, 2]", json.dumps({"format": "something else"})):
+        wrong = write("wrong", text)
+        assert "is not a summary written by `longnet-prep pack`" in _one_line_error(read_pack_summary, wrong)
+    lacking = write("lacking", json.dumps(dict(summary, seq_length="48")))
+    assert "lacks seq_length" in _one_line_error(read_pack_summary, lacking)
+    summary["splits"]["train"]["sequences"] = 0
+    empty = write("empty", json.dumps(summary))
+    message = _one_line_error(gpt_dataset_config_for, empty, seq_length=L)
+    assert message.startswith(f"{empty}: the train split holds no sequence")
+
+
+def test_a_split_training_needs_must_hold_sequences(tmp_path, many_docs_corpus):
+    corpus, _ = many_docs_corpus
+    tokenize_corpus([str(corpus)], str(tmp_path / "tok"), workers=1, progress=False, log=lambda m: None)
+    only_train = str(tmp_path / "t")
+    pack_datasets([str(tmp_path / "tok")], only_train, seq_length=L, split="1", progress=False)
+    assert gpt_dataset_config_for(only_train, seq_length=L).blend_per_split[1:] == [None, None]
+    message = _one_line_error(
+        gpt_dataset_config_for, only_train, seq_length=L, required_splits=("train", "valid")
+    )
+    assert message.startswith(f"{only_train}: the valid split holds no sequence")
+    no_train = str(tmp_path / "v")
+    pack_datasets([str(tmp_path / "tok")], no_train, seq_length=L, split="0,1,0", progress=False)
+    assert "the train split holds no sequence" in _one_line_error(read_pack_summary, no_train)

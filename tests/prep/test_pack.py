@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from data_prep.errors import PrepError
-from data_prep.pack import pack_datasets, split_documents
-from data_prep.tokenize import tokenize_corpus
+from data_prep.pack import LONG_DOC_POLICIES, TAIL_POLICIES, pack_datasets, sequences_from, split_documents
+from data_prep.tokenize_corpus import tokenize_corpus
 
 EOD = 100257
 
@@ -121,3 +121,31 @@ def test_summary_and_bad_options(tmp_path, tokenized):
     with pytest.raises(PrepError, match="no dataset at"):
         pack(str(tmp_path / "missing"), tmp_path / "q")
     assert not list(tmp_path.glob("q*"))
+
+
+@pytest.mark.parametrize("split", ["nan,1,1", "inf,1,1", "1e400,1,1", "-1,1,1", "0,0,0", "1,1,1,1", "1,,1"])
+def test_a_bad_split_is_refused_before_any_work(tmp_path, split):
+    """Validated before the inputs are even opened (the input here does not exist)."""
+    with pytest.raises(PrepError, match="--split"):
+        pack(str(tmp_path / "missing"), tmp_path / "p", split=split)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("tail", TAIL_POLICIES)
+@pytest.mark.parametrize("long_docs", LONG_DOC_POLICIES)
+def test_the_sequence_count_is_known_before_packing(tmp_path, tokenized, read_docs, tail, long_docs):
+    prefix, docs = tokenized
+    st = pack(prefix, tmp_path / "p", seq_length=16, split="1", tail=tail, long_docs=long_docs)["train"]
+    predicted = sequences_from(np.array([len(d) for d in docs]), 17, tail, long_docs)
+    assert predicted == st.sequences == len(read_docs(tmp_path / "p_train")) > 0
+
+
+def test_an_empty_train_split_fails_before_writing(tmp_path, tokenized):
+    prefix, docs = tokenized
+    tokens = sum(len(d) for d in docs)
+    with pytest.raises(
+        PrepError, match=f"train split would hold no sequence of L\\+1 = {tokens + 1:,} tokens"
+    ):
+        pack(prefix, tmp_path / "p", seq_length=tokens, split="1")
+    assert not list(tmp_path.glob("p*"))
+    assert pack(prefix, tmp_path / "q", seq_length=tokens, split="1", tail="pad")["train"].sequences == 1

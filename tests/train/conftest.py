@@ -17,7 +17,7 @@ SEQ = 128  # short sequences keep multi-process runs fast; the tiny patterns sti
 def packed_prefix(tmp_path_factory) -> str:
     """``longnet-prep`` output (byte tokenizer, L=128) of a few standard-library modules."""
     from data_prep.pack import pack_datasets
-    from data_prep.tokenize import tokenize_corpus
+    from data_prep.tokenize_corpus import tokenize_corpus
 
     root = tmp_path_factory.mktemp("data")
     stdlib = sysconfig.get_paths()["stdlib"]

@@ -6,14 +6,19 @@ megatron.core's ``IndexedDatasetBuilder``: one document = one sequence = the doc
 end-of-document. At most ``2 * workers + 1`` batches are in flight, so memory does not grow with the
 corpus (apart from Megatron's index: two integers per document). Batches are cut by the input alone,
 so the output bytes are the same for any number of workers.
+
+Start-up: importing megatron.core (and torch with it) takes seconds, and only the writer needs it.
+The workers are forked first (they never need it, and start small), then megatron is imported in a
+background thread while the first batches are read and tokenized.
 """
 
 from __future__ import annotations
 
-import contextlib
+import importlib
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -23,7 +28,13 @@ import click
 import numpy as np
 
 from data_prep.atomic import atomic_outputs
-from data_prep.encode import EncodedBatch, encode_in_worker, init_worker, set_worker_state
+from data_prep.encode import (
+    EncodedBatch,
+    encode_in_worker,
+    init_worker,
+    set_worker_state,
+    transport_dtype,
+)
 from data_prep.errors import PrepError
 from data_prep.meta import TOKENIZED, dataset_paths, meta_path, write_meta
 from data_prep.progress import Progress
@@ -45,14 +56,29 @@ class TokenizeStats:
     empty_documents: int = 0
     skipped_records: int = 0
     seconds: float = 0.0
+    encoder: str = ""
     error_examples: list[str] = field(default_factory=list)
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    """The smallest dtype Megatron reads for this vocabulary (uint16 below 65500, else int32)."""
-    from megatron.core.datasets.indexed_dataset import DType
+class _BackgroundImport:
+    """A module imported in a daemon thread; :meth:`get` waits for it (and re-raises its error)."""
 
-    return np.dtype(DType.optimal_dtype(vocab_size))
+    def __init__(self, name: str) -> None:
+        self._name, self._module, self._error = name, None, None
+        self._thread = threading.Thread(target=self._run, name=f"import {name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._module = importlib.import_module(self._name)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller of get()
+            self._error = e
+
+    def get(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._module
 
 
 def _batches(records: Iterable[Record], max_docs: int, max_bytes: int) -> Iterator[list[Record]]:
@@ -68,26 +94,26 @@ def _batches(records: Iterable[Record], max_docs: int, max_bytes: int) -> Iterat
         yield batch
 
 
-def _encode_in_order(
-    batches: Iterable[list[Record]], workers: int, tok: Tokenizer, text_key: str, dtype: np.dtype
-) -> Iterator[EncodedBatch]:
-    """Encoded batches in input order from a pool of ``workers``, with at most ``2 * workers + 1``
-    batches queued (``pool.imap`` would read the whole input ahead of the workers)."""
+def _start_pool(workers: int, tok: Tokenizer, text_key: str):
+    """``workers`` tokenizer processes, forked on Linux (milliseconds, and they inherit the tokenizer)."""
+    dtype = transport_dtype(tok.vocab_size)
     if sys.platform.startswith("linux"):
-        # fork: workers start in milliseconds and inherit the tokenizer (they never touch torch).
         set_worker_state(tok, text_key, dtype.name)
-        pool = multiprocessing.get_context("fork").Pool(workers)
-    else:
-        initargs = (tok.describe(), text_key, dtype.name)
-        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker, initargs=initargs)
-    with pool:
-        pending: deque = deque()
-        for batch in batches:
-            pending.append(pool.apply_async(encode_in_worker, (batch,)))
-            if len(pending) > 2 * workers:
-                yield pending.popleft().get()
-        while pending:
+        return multiprocessing.get_context("fork").Pool(workers)
+    initargs = (tok.describe(), tok.encoder, text_key, dtype.name)
+    return multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker, initargs=initargs)
+
+
+def _encode_in_order(pool, batches: Iterable[list[Record]], workers: int) -> Iterator[EncodedBatch]:
+    """Encoded batches in input order, with at most ``2 * workers + 1`` batches queued
+    (``pool.imap`` would read the whole input ahead of the workers)."""
+    pending: deque = deque()
+    for batch in batches:
+        pending.append(pool.apply_async(encode_in_worker, (batch,)))
+        if len(pending) > 2 * workers:
             yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 def tokenize_corpus(
@@ -100,6 +126,7 @@ def tokenize_corpus(
     pattern: str | None = None,
     workers: int = 2,
     on_error: str = "stop",
+    encoder: str = "auto",
     overwrite: bool = False,
     batch_docs: int = 4096,
     batch_bytes: int = 4 << 20,
@@ -110,36 +137,41 @@ def tokenize_corpus(
 
     ``on_error='stop'`` raises :class:`PrepError` at the first bad record (naming file and line);
     ``'skip'`` leaves it out and counts it. Empty documents are always left out and counted.
+    ``encoder`` picks the BPE library (see :mod:`data_prep.tokenizers`); the tokens are the same.
     """
     if workers < 1:
         raise PrepError("--workers must be at least 1")
     if on_error not in ON_ERROR:
         raise PrepError(f"--on-error must be one of {ON_ERROR}")
-    tok = get_tokenizer(tokenizer)
-    dtype = token_dtype(tok.vocab_size)
+    tok = get_tokenizer(tokenizer, encoder)
     files = expand_inputs(inputs, pattern)
     empty_files = [f for f in files if os.path.getsize(f) == 0]
     if empty_files:
         log(f"warning: {len(empty_files)} input file(s) are empty, e.g. {empty_files[0]}")
-    stats = TokenizeStats(files=len(files), input_bytes=sum(os.path.getsize(f) for f in files))
+    stats = TokenizeStats(
+        files=len(files), input_bytes=sum(os.path.getsize(f) for f in files), encoder=tok.encoder
+    )
     start = time.perf_counter()
     paths = dataset_paths(output_prefix)
+    bin_path = output_prefix + ".bin"
 
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    with atomic_outputs(paths, overwrite) as tmp:
-        builder = IndexedDatasetBuilder(tmp[output_prefix + ".bin"], dtype=dtype.type)
+    with atomic_outputs(paths, overwrite) as tmp, _start_pool(workers, tok, text_key) as pool:
+        megatron = _BackgroundImport("megatron.core.datasets.indexed_dataset")  # after the fork
+        builder, dtype = None, None
         bar = Progress(stats.input_bytes, "tokenize", enabled=progress)
         try:
             batches = _batches(iter_records(files, fmt, text_key), batch_docs, batch_bytes)
-            results = _encode_in_order(batches, workers, tok, text_key, dtype)
-            with contextlib.closing(results):  # stops the pool at once on an error
-                for enc in results:
-                    _write_batch(builder, enc, stats, on_error)
-                    bar.update(enc.nbytes, len(enc.lengths), len(enc.tokens))
+            for enc in _encode_in_order(pool, batches, workers):
+                if builder is None:
+                    indexed = megatron.get()
+                    dtype = np.dtype(indexed.DType.optimal_dtype(tok.vocab_size))
+                    builder = indexed.IndexedDatasetBuilder(tmp[bin_path], dtype=dtype.type)
+                _write_batch(builder, enc, stats, on_error)
+                bar.update(enc.nbytes, len(enc.lengths), len(enc.tokens))
         finally:
             bar.close()
-            builder.data_file.close()
+            if builder is not None:
+                builder.data_file.close()
         if stats.documents == 0:
             raise PrepError(
                 f"no documents found in {len(files)} input file(s)"

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from data_prep.errors import PrepError
+from data_prep.indexed import open_indexed_dataset
 from data_prep.meta import PACKED, read_meta
 from data_prep.pack import boundaries_prefix
 from data_prep.tokenizers import get_tokenizer
@@ -24,10 +25,8 @@ def length_histogram(lengths: np.ndarray) -> list[tuple[int, int, int]]:
 
 def dataset_summary(prefix: str) -> dict[str, Any]:
     """Counts and length statistics of the dataset at ``prefix``."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     meta = read_meta(prefix)
-    ds = IndexedDataset(prefix)
+    ds = open_indexed_dataset(prefix)
     lengths = np.asarray(ds.sequence_lengths, dtype=np.int64)
     return {
         "prefix": prefix,
@@ -64,18 +63,16 @@ def format_summary(summary: dict[str, Any], width: int = 40) -> str:
 
 def decode_sample(prefix: str, index: int, max_tokens: int | None = None) -> str:
     """Sequence ``index`` decoded with the dataset's tokenizer (and its segment starts if packed)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     meta = read_meta(prefix)
     if "tokenizer" not in meta:
         raise PrepError(f"{prefix} has no {prefix}.meta.json, so its tokenizer is unknown")
-    ds = IndexedDataset(prefix)
+    ds = open_indexed_dataset(prefix)
     if not 0 <= index < len(ds):
         raise PrepError(f"sample {index} out of range: {prefix} has {len(ds)} sequences")
     tokens = ds[index]
     head = f"sample {index}: {len(tokens):,} tokens"
     if meta.get("format") == PACKED:
-        bounds = IndexedDataset(boundaries_prefix(prefix))  # kept alive: items are views of its mmap
+        bounds = open_indexed_dataset(boundaries_prefix(prefix))  # kept alive: items view its mmap
         starts = bounds[index]
         head += f", segments start at {starts.tolist()}"
     shown = tokens if max_tokens is None else tokens[:max_tokens]
