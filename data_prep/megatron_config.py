@@ -83,8 +83,11 @@ def gpt_dataset_config_for(
     reset_attention_mask: bool = False,
     eod_mask_loss: bool = False,
     required_splits: Sequence[str] = ("train",),
+    summary: dict[str, Any] | None = None,
 ):
     """A ``GPTDatasetConfig`` that reads the packed dataset ``prefix`` one packed sequence per sample.
+
+    ``summary``: the prefix's :func:`read_pack_summary`, when the caller has read it already.
 
     ``seq_length`` (the model's L) is checked against the packed length when given. A split in
     ``required_splits`` that holds no sequence is a :class:`PrepError` naming the prefix and split;
@@ -94,7 +97,7 @@ def gpt_dataset_config_for(
     """
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
-    summary = read_pack_summary(prefix)
+    summary = read_pack_summary(prefix) if summary is None else summary
     length = int(summary["seq_length"])
     if seq_length is not None and seq_length != length:
         raise PrepError(f"{prefix} is packed for seq_length {length}, not {seq_length}; pack it again")

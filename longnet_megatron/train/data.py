@@ -143,8 +143,9 @@ def _gpt_dataset_config(resolved: ResolvedJob):
             random_seed=job.train.seed,
             path_to_cache=job.data.cache_dir,
             reset_position_ids=job.data.reset_position_ids,
+            summary=summary,
         )
-        for prefix in job.data.prefixes
+        for prefix, summary in zip(job.data.prefixes, resolved.pack_summaries)
     ]
     if len(configs) == 1:
         return configs[0]

@@ -215,3 +215,12 @@ def test_document_masking_needs_end_of_document_tokens(packed_prefix, tmp_path):
     )
     synthetic = ["data.synthetic=true", "data.document_masking=true", "data.synthetic_document_length=40"]
     resolve_job(load_config(TINY, synthetic), world_size=1)
+
+
+def test_a_key_given_twice_in_yaml_is_an_error_naming_both_lines(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("train:\n  steps: 5\n  micro_batch_size: 1\n  steps: 50\n")
+    with pytest.raises(ConfigError, match=r"key 'steps' appears twice \(lines 2 and 4\)"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match="appears twice"):
+        load_config(None, ["data.weights={a: 1, a: 2}"])
