@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def stdlib_dataset(root: Path, seq_length: int, workers: int) -> str:
     """This machine's Python standard library, tokenized with cl100k and packed at ``seq_length``."""
     from data_prep.pack import pack_datasets
-    from data_prep.tokenize import tokenize_corpus
+    from data_prep.tokenize_corpus import tokenize_corpus
 
     files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "**", "*.py"), recursive=True))
     tokenize_corpus(files, str(root / "stdlib"), workers=workers, progress=False, log=lambda m: None)
