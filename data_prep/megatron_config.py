@@ -35,12 +35,12 @@ class MegatronTokenizerView:
         self.unique_identifiers = {"class": "longnet-prep", "tokenizer": description}
 
 
-def read_pack_summary(prefix: str) -> dict[str, Any]:
+def read_pack_summary(prefix: str, required_splits: Sequence[str] = ("train",)) -> dict[str, Any]:
     """The ``<prefix>.pack.json`` written by ``longnet-prep pack``, checked.
 
     The one reader of that file. Raises :class:`PrepError` (one line naming the file) when it is
-    missing, unreadable or truncated, not a pack summary, or when its train split holds no sequence
-    (training on it would have nothing to read).
+    missing, unreadable or truncated, not a pack summary, or when a split of ``required_splits`` holds
+    no sequence (training needs its train split, evaluation the split it reads).
     """
     path = summary_path(prefix)
     if not os.path.exists(path):
@@ -61,11 +61,12 @@ def read_pack_summary(prefix: str) -> dict[str, Any]:
     )
     if not valid:
         raise PrepError(f"{path} lacks seq_length, tokenizer or per-split counts; pack {prefix} again")
-    if _sequences(summary, "train") == 0:
-        raise PrepError(
-            f"{prefix}: the train split holds no sequence ({path}: split {summary.get('split')}, "
-            f"L = {summary['seq_length']:,}); pack it again with more data, a train weight or a smaller L"
-        )
+    for split in required_splits:
+        if _sequences(summary, split) == 0:
+            raise PrepError(
+                f"{prefix}: the {split} split holds no sequence ({path}: split {summary.get('split')}, "
+                f"L = {summary['seq_length']:,}); pack it again with more data, a {split} weight or a smaller L"
+            )
     return summary
 
 

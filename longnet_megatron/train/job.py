@@ -97,12 +97,6 @@ def _read_summaries(job: JobConfig) -> tuple[dict[str, Any], ...]:
             summaries.append(read_pack_summary(prefix))
         except PrepError as e:
             raise ConfigError(f"data.prefixes[{i}]={prefix!r}: {e.message}") from None
-    for i, (prefix, summary) in enumerate(zip(job.data.prefixes, summaries)):
-        if not summary.get("splits", {}).get("train", {}).get("sequences"):
-            raise ConfigError(
-                f"data.prefixes[{i}]={prefix!r} has no training sequence (its train split is empty): pack "
-                "more documents, a shorter --seq-length, or a larger train share of --split"
-            )
     lengths = {p: s["seq_length"] for p, s in zip(job.data.prefixes, summaries)}
     if len(set(lengths.values())) > 1:
         raise ConfigError(f"data.prefixes are packed for different sequence lengths: {lengths}")

@@ -78,13 +78,9 @@ class PackedSplit:
 
     def __init__(self, prefix: str, split: str = "valid") -> None:
         self.prefix, self.split = prefix, split
-        self.summary = read_pack_summary(prefix)
+        self.summary = read_pack_summary(prefix, required_splits=(split,))
         self.seq_length = int(self.summary["seq_length"])
         self.tokenizer = self.summary["tokenizer"]
-        count = self.summary.get("splits", {}).get(split, {}).get("sequences", 0)
-        if not count:
-            present = ", ".join(f"{k}={v.get('sequences', 0)}" for k, v in self.summary["splits"].items())
-            raise PrepError(f"{prefix}.pack.json: the {split!r} split holds no sequence (splits: {present})")
         self._dataset = IndexedDataset(split_prefix(prefix, split))
 
     def __len__(self) -> int:
