@@ -61,14 +61,14 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 GiB = 1 << 30
 
 
-def pattern_set(name: str, n: int) -> DilatedAttentionConfig:
-    """The named pattern set (causal) at sequence length ``n``."""
+def pattern_set(name: str, n: int, base: int = 2048) -> DilatedAttentionConfig:
+    """The named pattern set (causal) at sequence length ``n`` (``base``: fullrange's first segment)."""
     if name == "geometric":
         return DilatedAttentionConfig.geometric(2048, 5)
     if name == "paper":
         return DilatedAttentionConfig.paper()
     if name == "fullrange":
-        return DilatedAttentionConfig.geometric(2048, 64, max_segment=max(n, 2048))
+        return DilatedAttentionConfig.geometric(base, 64, max_segment=max(n, base))
     raise ValueError(f"unknown pattern set {name!r}; choose from {SETS}")
 
 
