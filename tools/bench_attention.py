@@ -15,7 +15,8 @@ for attention: backward is 2.5 forwards).
     python tools/bench_attention.py --render a.json b.json   # merge runs into --out-json and --out-md
 
 Backends: any name of ``backend_names()``; ``triton-fused`` is the fused kernel (all patterns in one
-pass), ``triton`` the project's per-call kernel.
+pass), ``triton`` the project's per-call kernel, ``fa4`` FlashAttention-4 (a backend that is not
+installed, or does not take the first head size and dtype, is reported and left out).
 
 Document masking (``--doc-lens``): each backend runs again on packed documents of random lengths,
 uniform in [L/2, 3L/2] for each mean length L (so boundaries fall anywhere in the segments). One
@@ -45,7 +46,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from longnet_megatron.attention import DilatedAttentionConfig, dilated_attention, get_backend  # noqa: E402
+from longnet_megatron.attention import (  # noqa: E402
+    DilatedAttentionConfig,
+    UnsupportedInputError,
+    dilated_attention,
+    get_backend,
+)
 from longnet_megatron.attention.backends import WHOLE_FUNCTION_BACKENDS  # noqa: E402
 from longnet_megatron.attention.documents import Documents  # noqa: E402
 
@@ -55,14 +61,14 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 GiB = 1 << 30
 
 
-def pattern_set(name: str, n: int) -> DilatedAttentionConfig:
-    """The named pattern set (causal) at sequence length ``n``."""
+def pattern_set(name: str, n: int, base: int = 2048) -> DilatedAttentionConfig:
+    """The named pattern set (causal) at sequence length ``n`` (``base``: fullrange's first segment)."""
     if name == "geometric":
         return DilatedAttentionConfig.geometric(2048, 5)
     if name == "paper":
         return DilatedAttentionConfig.paper()
     if name == "fullrange":
-        return DilatedAttentionConfig.geometric(2048, 64, max_segment=max(n, 2048))
+        return DilatedAttentionConfig.geometric(base, 64, max_segment=max(n, base))
     raise ValueError(f"unknown pattern set {name!r}; choose from {SETS}")
 
 
@@ -384,7 +390,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention needs a CUDA device")
-    args.backends = [b for b in args.backends if _usable(b)]
+    probe = torch.zeros(1, 64, 1, args.head_dims[0], device="cuda", dtype=DTYPES[args.dtype])
+    args.backends = [b for b in args.backends if _usable(b, probe)]
     meta = {
         **_versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -400,15 +407,15 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.out_md).write_text(render_markdown([meta], rows))
 
 
-def _usable(name: str) -> bool:
-    """Whether backend ``name`` loads here (a missing one is reported and left out)."""
+def _usable(name: str, probe: torch.Tensor) -> bool:
+    """Whether backend ``name`` loads here and takes tensors like ``probe`` (else reported and left out)."""
     try:
         if name in WHOLE_FUNCTION_BACKENDS:
             importlib.import_module(WHOLE_FUNCTION_BACKENDS[name])
         else:
-            get_backend(name)
+            get_backend(name, probe)
         return True
-    except (ImportError, OSError, RuntimeError) as err:
+    except (ImportError, OSError, RuntimeError, UnsupportedInputError) as err:
         print(f"backend {name} left out: {err}")
         return False
 

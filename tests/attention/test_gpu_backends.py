@@ -1,4 +1,4 @@
-"""Fused GPU backends (te, sdpa and each of its kernels) against the float64 oracle; needs CUDA.
+"""Fused GPU backends (te, sdpa and each of its kernels, fa4, triton) against the float64 oracle; needs CUDA.
 
 bf16 and fp16, forward and gradients, relative error under 1e-2, on the named cases (ragged dilated
 segments, partial last segments, GQA, global offsets) with realistic head sizes, plus longer cases
@@ -7,6 +7,10 @@ whose calls are large batches; the same with document masking (the variable-leng
 the reference, and the split into dense runs plus one variable-length call. Also the automatic
 choice and the clear errors. Setting ``LONGNET_GPU_RESULTS=path.json`` writes the largest error per
 backend, dtype and tensor there.
+
+A quick re-check of FlashAttention-4 (ragged, partial, GQA, offsets, causal and not, documents, strided
+views; few kernel compiles, under a minute): ``LONGNET_TEST_BACKENDS=fa4 pytest
+tests/attention/test_gpu_backends.py -k "$FA4_QUICK"`` with :data:`FA4_QUICK`'s -k expression.
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ pytestmark = pytest.mark.gpu
 TOLERANCE = 1e-2
 # LONGNET_TEST_BACKENDS=te,sdpa-flash restricts the run (one process per backend isolates a crash).
 BACKENDS = os.environ.get(
-    "LONGNET_TEST_BACKENDS", "te,sdpa,sdpa-cudnn,sdpa-flash,sdpa-efficient,triton"
+    "LONGNET_TEST_BACKENDS", "te,sdpa,sdpa-cudnn,sdpa-flash,sdpa-efficient,fa4,triton"
 ).split(",")
+# The -k expression of the quick fa4 subset (module docstring): two cases in bf16, few compiles.
+FA4_QUICK = "fa4 and (lse_and_strided or varlen_call or unsupported or (bf16 and (paper_ragged_d128 or gqa_noncausal_d64)))"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # The named cases with kernel-sized heads, and longer ones (batches of many segments).
@@ -248,6 +254,8 @@ def test_override_by_environment(monkeypatch):
         ("sdpa-flash", torch.bfloat16, 512, "head_dim=512"),
         ("te", torch.float32, 128, "needs float16 or bfloat16"),
         ("te", torch.bfloat16, 12, "head_dim a multiple of 8"),
+        ("fa4", torch.float32, 128, "needs float16 or bfloat16"),
+        ("fa4", torch.bfloat16, 12, "needs head_dim a multiple of 8"),
     ],
 )
 def test_unsupported_inputs_fail_clearly(backend, dtype, head_dim, message):
@@ -256,6 +264,8 @@ def test_unsupported_inputs_fail_clearly(backend, dtype, head_dim, message):
         impl = get_backend(backend)
     except ImportError as err:
         pytest.skip(f"{backend} not importable here: {err}")
+    if getattr(impl, "missing", None):  # fa4 loads without its library and names it in check()
+        pytest.skip(impl.missing)
     with pytest.raises(UnsupportedInputError, match=message):
         impl.check(q)
 

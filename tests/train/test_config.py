@@ -118,6 +118,15 @@ def test_bad_overrides_name_the_key(override, message):
     assert message in str(err.value)
 
 
+def test_every_attention_backend_name_is_accepted_and_a_typo_is_not():
+    for name in ("fa4", "sdpa-cudnn", "triton-fused"):
+        resolve_job(
+            load_config(None, ["data.synthetic=true", f"model.attention_backend={name}"]), world_size=1
+        )
+    with pytest.raises(ConfigError, match="model.attention_backend='fa5' is not one of"):
+        resolve_job(load_config(None, ["data.synthetic=true", "model.attention_backend=fa5"]), world_size=1)
+
+
 @pytest.mark.parametrize(
     "overrides, expected",
     [

@@ -6,8 +6,9 @@ Two kinds of backend share one namespace (:func:`backend_names` lists every name
   backward; ``dilated_attention`` runs one per (pattern, head offset, block) and merges them. They
   also serve context parallelism. ``reference`` (PyTorch math, any device), ``sdpa`` (PyTorch's cuDNN,
   flash or memory-efficient kernel, first that accepts the inputs; ``sdpa-cudnn``, ``sdpa-flash``,
-  ``sdpa-efficient`` pin one), ``te`` (Transformer Engine's cuDNN attention), ``triton`` (the
-  project's own Triton kernel).
+  ``sdpa-efficient`` pin one), ``te`` (Transformer Engine's cuDNN attention), ``fa4``
+  (FlashAttention-4's CuTe DSL kernels, Hopper and Blackwell), ``triton`` (the project's own Triton
+  kernel).
 * whole-function kernels, which compute all patterns of one rank at once: ``triton-fused``
   (:mod:`..fused`, one online softmax over every pattern, strided loads). They run on one rank only.
 
@@ -16,7 +17,8 @@ inputs (with document masking, the first whose variable-length path accepts them
 then ``reference``. On the H100 (bf16, D = 128, benchmarks/attention.md) sdpa's cuDNN path is
 15-25% faster than te at N >= 32K (it takes strided dilated selections as views, where TE's fixed
 layouts need a copy per call) and the per-call Triton kernel is slower than both. "auto" never picks
-``triton-fused``. A name picks one backend explicitly and fails with the reason if it cannot run.
+``triton-fused``, nor (yet) ``fa4``: its place in the order waits for the GPU measurement
+(benchmarks/attention.md). A name picks one backend explicitly and fails with the reason if it cannot run.
 The environment variable ``LONGNET_ATTENTION_BACKEND`` overrides ``"auto"`` (not an explicit name).
 """
 
@@ -34,6 +36,7 @@ from .reference import ReferenceBackend
 # name -> "module:Class" (imported lazily: fused kernels need CUDA libraries that may be absent).
 _REGISTRY: dict[str, str | Callable[[], AttentionBackend]] = {
     "te": ".te:TEBackend",
+    "fa4": ".fa4:FA4Backend",
     "sdpa": ".sdpa:SdpaBackend",
     "sdpa-cudnn": ".sdpa:SdpaCudnnBackend",
     "sdpa-flash": ".sdpa:SdpaFlashBackend",
