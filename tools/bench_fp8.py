@@ -64,8 +64,8 @@ def stdlib_dataset(root: Path, seq_length: int, workers: int) -> str:
     return str(root / "packed")
 
 
-def train(args: argparse.Namespace, data: str, run_dir: Path, fp8: str | None) -> list[dict[str, Any]]:
-    """One training run; its logged train records (every 10 steps and the first)."""
+def train_command(args: argparse.Namespace, data: str, run_dir: Path, fp8: str | None) -> list[str]:
+    """``longnet-train`` with only overrides (no CONFIG file): the run of one recipe."""
     overrides = [
         f"model.preset={args.preset}",
         f"model.seq_length={args.seq_length}",
@@ -86,7 +86,12 @@ def train(args: argparse.Namespace, data: str, run_dir: Path, fp8: str | None) -
         "logging.tensorboard=false",
         f"run.dir={run_dir}",
     ]
-    command = [sys.executable, "-m", "longnet_megatron.train", *overrides]
+    return [sys.executable, "-m", "longnet_megatron.train", *overrides]
+
+
+def train(args: argparse.Namespace, data: str, run_dir: Path, fp8: str | None) -> list[dict[str, Any]]:
+    """One training run; its logged train records (every 10 steps and the first)."""
+    command = train_command(args, data, run_dir, fp8)
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -36,6 +37,8 @@ def main(config, overrides, check, print_config) -> None:
     with nothing to save). docs/training.md is the manual.
     """
     hold_exit_signals()  # a signal during start-up waits for the trainer (python -m holds them earlier)
+    if config and "=" in config and not os.path.exists(config):  # no CONFIG, only overrides
+        config, overrides = None, (config, *overrides)
     # Megatron-Core (imported by what follows) warns on import: the filters go first.
     quiet_third_party_warnings()
     from longnet_megatron.train.distributed import shutdown_distributed, world_from_env

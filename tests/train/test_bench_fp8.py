@@ -51,3 +51,19 @@ def test_fp8_runs_are_compared_with_bf16_at_the_same_steps():
     assert "| fp8 delayed | 11.0000 | 8.2000 | 4.9000 | 0.1000 | 1.83% | 1,000 |" in table
     with pytest.raises(SystemExit):
         tool.parse_args(["--recipes", "mxfp8"])
+
+
+def test_the_training_command_is_one_the_trainer_accepts(packed_prefix, tmp_path):
+    """The runs are ``longnet-train`` with overrides only: the CLI must read the first as one (the
+    GPU run once failed with "config file model.preset=125m does not exist")."""
+    from click.testing import CliRunner
+
+    from longnet_megatron.train.cli import main
+
+    tool = load_tool()
+    args = tool.parse_args(["--preset", "tiny", "--seq-length", "128", "--steps", "20"])
+    command = tool.train_command(args, packed_prefix, tmp_path / "run", "delayed")
+    assert command[1:3] == ["-m", "longnet_megatron.train"]
+    result = CliRunner().invoke(main, [*command[3:], "--print-config"])
+    assert result.exit_code == 0, result.output
+    assert "preset: tiny" in result.output and "fp8: delayed" in result.output
