@@ -56,8 +56,15 @@ def stdlib_dataset(root: Path, seq_length: int, workers: int) -> str:
     from data_prep.pack import pack_datasets
     from data_prep.tokenize_corpus import tokenize_corpus
 
-    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "**", "*.py"), recursive=True))
-    tokenize_corpus(files, str(root / "stdlib"), workers=workers, progress=False, log=lambda m: None)
+    stdlib = sysconfig.get_paths()["stdlib"]
+    files = sorted(
+        f
+        for f in glob.glob(os.path.join(stdlib, "**", "*.py"), recursive=True)
+        if not {"site-packages", "dist-packages"} & set(Path(f).relative_to(stdlib).parts)
+    )
+    tokenize_corpus(
+        files, str(root / "stdlib"), workers=workers, on_error="skip", progress=False, log=lambda m: None
+    )  # the standard library's own test files include deliberately undecodable ones
     pack_datasets(
         [str(root / "stdlib")], str(root / "packed"), seq_length=seq_length, split="98,2,0", progress=False
     )
