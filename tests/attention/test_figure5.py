@@ -3,26 +3,19 @@ hand count, and the json/md/png written by ``--model-only`` with measured and mo
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from longnet_megatron.attention import DilatedAttentionConfig
+from tests.tool_scripts import load_tool
 
-SCRIPT = Path(__file__).resolve().parents[2] / "tools" / "figure5.py"
 H, D = 16, 128
 
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("figure5", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("figure5")
 
 
 def _dense(ns, a=2.5e-11, b=3e-9):

@@ -2,23 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-
 import pytest
 
-from tests.train.conftest import REPO
-
-SCRIPT = os.path.join(REPO, "tools", "bench_fp8.py")
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("bench_fp8", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.tool_scripts import load_tool
 
 
 def _rows(losses):
@@ -26,7 +12,7 @@ def _rows(losses):
 
 
 def test_fp8_runs_are_compared_with_bf16_at_the_same_steps():
-    tool = load_tool()
+    tool = load_tool("bench_fp8")
     bf16 = _rows([(1, 11.0), (10, 8.0), (20, 6.0), (30, 5.0)])
     fp8 = _rows([(1, 11.0), (10, 8.2), (20, 6.1), (30, 4.9)])
     c = tool.compare(bf16, fp8, window=20)
@@ -60,7 +46,7 @@ def test_the_training_command_is_one_the_trainer_accepts(packed_prefix, tmp_path
 
     from longnet_megatron.train.cli import main
 
-    tool = load_tool()
+    tool = load_tool("bench_fp8")
     args = tool.parse_args(["--preset", "tiny", "--seq-length", "128", "--steps", "20"])
     command = tool.train_command(args, packed_prefix, tmp_path / "run", "delayed")
     assert command[1:3] == ["-m", "longnet_megatron.train"]

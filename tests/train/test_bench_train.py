@@ -4,36 +4,24 @@ configuration in its own subprocess; the planner's auto is none on CPU)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.train.conftest import REPO
-
-SCRIPT = os.path.join(REPO, "tools", "bench_train.py")
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from tests.tool_scripts import TOOLS, load_tool
 
 
 def test_contexts_parse_with_binary_suffixes():
-    tool = load_tool()
+    tool = load_tool("bench_train")
     assert tool.parse_contexts("8K,32k,1M,300") == [8192, 32768, 1048576, 300]
     assert [tool.short(n) for n in (8192, 1048576, 300)] == ["8K", "1M", "300"]
 
 
 def test_oom_is_retried_with_full_recompute_and_reported():
-    tool = load_tool()
+    tool = load_tool("bench_train")
     args = tool.parse_args(["--device", "cpu", "--fp8", "delayed"])
     calls = []
 
@@ -66,7 +54,7 @@ def test_cpu_smoke_run_measures_both_models(tmp_path):
     out = tmp_path / "bench"
     command = [
         sys.executable,
-        SCRIPT,
+        str(TOOLS / "bench_train.py"),
         "--device=cpu",
         "--presets=tiny",
         "--contexts=256",
@@ -78,7 +66,7 @@ def test_cpu_smoke_run_measures_both_models(tmp_path):
         "--doc-lens=0,40",  # LongNet unmasked, and masked on documents of ~40 tokens
         f"--out={out}",
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=TOOLS.parent)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [(r["kind"], r["doc_len"], r["status"]) for r in rows] == [
