@@ -193,15 +193,8 @@ def markdown(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    command = shlex.join(["python", "tools/bench_fp8.py", *(sys.argv[1:] if argv is None else argv)])
-    with tempfile.TemporaryDirectory(prefix="bench_fp8_") as tmp:
-        root = Path(tmp)
-        data = args.data or stdlib_dataset(root, args.seq_length, args.workers)
-        runs = {"bf16": train(args, data, root / "bf16", None)}
-        for recipe in args.recipes:
-            runs[f"fp8 {recipe}"] = train(args, data, root / recipe, recipe)
+def write_results(args: argparse.Namespace, command: str, runs: dict[str, list[dict[str, Any]]]) -> str:
+    """OUT.json and OUT.md of the runs so far (after each run: a cut-off benchmark keeps what finished)."""
     payload = {
         "meta": {
             "command": command,
@@ -221,9 +214,25 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(payload))
-    print(markdown(payload))
+    for suffix, text in ((".json", json.dumps(payload, indent=2) + "\n"), (".md", markdown(payload))):
+        tmp = out.with_suffix(suffix + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, out.with_suffix(suffix))
+    return markdown(payload)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = shlex.join(["python", "tools/bench_fp8.py", *(sys.argv[1:] if argv is None else argv)])
+    with tempfile.TemporaryDirectory(prefix="bench_fp8_") as tmp:
+        root = Path(tmp)
+        data = args.data or stdlib_dataset(root, args.seq_length, args.workers)
+        runs = {"bf16": train(args, data, root / "bf16", None)}
+        table = write_results(args, command, runs)
+        for recipe in args.recipes:
+            runs[f"fp8 {recipe}"] = train(args, data, root / recipe, recipe)
+            table = write_results(args, command, runs)
+    print(table)
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.tool_scripts import load_tool
@@ -53,3 +55,15 @@ def test_the_training_command_is_one_the_trainer_accepts(packed_prefix, tmp_path
     result = CliRunner().invoke(main, [*command[3:], "--print-config"])
     assert result.exit_code == 0, result.output
     assert "preset: tiny" in result.output and "fp8: delayed" in result.output
+
+
+def test_results_are_written_after_each_run(tmp_path):
+    """A benchmark cut off by its time limit keeps the runs that finished (the bf16 one alone here)."""
+    tool = load_tool("bench_fp8")
+    args = tool.parse_args(["--steps", "20", "--out", str(tmp_path / "fp8")])
+    table = tool.write_results(args, "python tools/bench_fp8.py", {"bf16": _rows([(1, 11.0), (10, 8.0)])})
+    saved = json.loads((tmp_path / "fp8.json").read_text())
+    assert list(saved["runs"]) == ["bf16"] and saved["comparison"] == {}
+    assert "| bf16 | 11.0000 | 8.0000 | - | - | 1,000 |" in table
+    assert (tmp_path / "fp8.md").read_text() == table
+    assert not list(tmp_path.glob("*.tmp"))
