@@ -205,3 +205,45 @@ def test_helpers_die_with_a_trainer_killed_outright(packed_prefix, tmp_path):
         trainer.wait()
     gone, alive = psutil.wait_procs(helpers, timeout=15)
     assert not alive, f"helpers outlived the trainer: {[p.cmdline()[:3] for p in alive]}"
+
+
+_FORK_JUST_BEFORE_DEATH = """
+import os, sys, time
+from longnet_megatron.train.reaper import start_reaper
+start_reaper(interval_s=3600)  # its periodic look ran once, at the start: only announcements remain
+time.sleep(0.5)
+child = os.fork()
+if child == 0:
+    time.sleep(600)  # a helper that would never end by itself (a Manager waiting for requests)
+    os._exit(0)
+grandchild_parent = os.fork()
+if grandchild_parent == 0:
+    if os.fork() == 0:
+        time.sleep(600)
+        os._exit(0)
+    time.sleep(600)
+    os._exit(0)
+print(child, grandchild_parent, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_helper_forked_just_before_the_kill_dies_too(tmp_path):
+    """A process forked after the watchdog's last look announces itself: it and its own forks die
+    with the trainer (without the announcement both outlive a kill -9)."""
+    import psutil
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _FORK_JUST_BEFORE_DEATH], stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    time.sleep(0.3)  # the grandchild is forked
+    forked = [psutil.Process(pid) for pid in pids]
+    forked += forked[1].children()
+    assert len(forked) == 3
+    proc.kill()
+    proc.wait()
+    gone, alive = psutil.wait_procs(forked, timeout=10)
+    for p in alive:
+        p.kill()
+    assert not alive, f"{len(alive)} forked helpers outlived the trainer"
