@@ -95,15 +95,27 @@ def time_ms(fn: Callable[[], object], target_s: float, max_reps: int) -> tuple[f
 
 
 def _profile(fn: Callable[[], object]) -> None:
-    """Print the GPU kernels and CPU time of one call of ``fn`` (after a warm-up)."""
+    """Print the GPU kernels of one call of ``fn`` (after a warm-up), and how busy it kept the GPU.
+
+    Wall ms against the summed kernel time says whether the call is bound by the GPU or by the host
+    (Python and launches: short sequences); the table names the kernels that take the GPU's time.
+    """
     from torch.profiler import ProfilerActivity, profile
 
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
         fn()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+        wall_ms = (time.perf_counter() - start) * 1e3
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_ms = sum(e.self_device_time_total for e in kernels) / 1e3
+    launches = sum(e.count for e in kernels)
+    print(
+        f"profile: wall {wall_ms:.2f} ms (profiled), GPU kernels {busy_ms:.2f} ms, {launches} kernel launches"
+    )
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=24, max_name_column_width=70))
 
 
 def peak_gib(fn: Callable[[], object]) -> float:
@@ -271,7 +283,8 @@ def render_markdown(runs: list[dict], rows: list[dict]) -> str:
     lines = ["# Dilated attention benchmark", ""]
     for i, meta in enumerate(runs, 1):
         lines.append(
-            f"* run {i}: {meta['device']}, {meta['date']}; torch {meta['torch']}, cuDNN {meta['cudnn']}, "
+            f"* run {i}{' (' + meta['ref'] + ')' if meta.get('ref') else ''}: {meta['device']}, {meta['date']}; "
+            f"torch {meta['torch']}, cuDNN {meta['cudnn']}, "
             f"Transformer Engine {meta.get('transformer_engine') or 'not installed'}; "
             f"`{meta['command']}`"
         )
@@ -370,6 +383,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-reps", type=int, default=10)
     p.add_argument("--time-budget", type=float, default=float("inf"), help="stop starting new N after this")
     p.add_argument("--profile", action="store_true", help="print a profile of each fwd+bwd")
+    p.add_argument("--pack-below", type=int, default=None, help="override packing.PACK_BELOW (tuning)")
+    p.add_argument("--pack-plan-below", type=int, default=None, help="override packing.PACK_PLAN_BELOW")
+    p.add_argument(
+        "--merge", choices=["fused", "torch"], default="fused", help="the merge kernel (torch: PyTorch ops)"
+    )
+    p.add_argument("--ref", default=None, help="what code this is (e.g. a commit), shown with the run")
     p.add_argument("--out-json", default="benchmarks/attention.json")
     p.add_argument("--out-md", default="benchmarks/attention.md")
     p.add_argument(
@@ -390,6 +409,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention needs a CUDA device")
+    _apply_knobs(args)
     probe = torch.zeros(1, 64, 1, args.head_dims[0], device="cuda", dtype=DTYPES[args.dtype])
     args.backends = [b for b in args.backends if _usable(b, probe)]
     meta = {
@@ -398,6 +418,7 @@ def main(argv: list[str] | None = None) -> None:
         "dtype": args.dtype,
         "heads": args.heads,
         "command": "python tools/bench_attention.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        **({"ref": args.ref} if args.ref else {}),
     }
     print(f"{meta['device']}: torch {meta['torch']}, cuDNN {meta['cudnn']}, TE {meta['transformer_engine']}")
     rows = sweep(args)
@@ -405,6 +426,22 @@ def main(argv: list[str] | None = None) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out_json).write_text(json.dumps({"runs": [meta], "rows": rows}, indent=1))
     Path(args.out_md).write_text(render_markdown([meta], rows))
+
+
+def _apply_knobs(args: argparse.Namespace) -> None:
+    """The tuning overrides, where this version of the library has them."""
+    from longnet_megatron.attention import packing
+
+    if args.pack_below is not None:
+        packing.PACK_BELOW = args.pack_below
+    if args.pack_plan_below is not None:
+        packing.PACK_PLAN_BELOW = args.pack_plan_below
+    if args.merge == "torch":
+        try:
+            from longnet_megatron.attention import merge
+        except ImportError:  # older versions merge in PyTorch ops only
+            return
+        merge.FUSED = False
 
 
 def _usable(name: str, probe: torch.Tensor) -> bool:

@@ -83,7 +83,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--base-segment", type=int, default=2048, help="w_0; w_k = w_0 * 2^k, r_k = 2^k")
     p.add_argument("--no-causal", action="store_true", help="bidirectional attention (default causal)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--backend", default="auto", help="auto, sdpa, te, triton or reference")
+    p.add_argument("--backend", default="auto", help="auto, fa4, sdpa, te, triton or reference")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")

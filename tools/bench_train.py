@@ -128,7 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--loss-chunk-tokens", type=int, default=None, help="default: the training default; 0: plain loss"
     )
-    p.add_argument("--backend", default="auto", help="dilated attention backend: auto, sdpa, te, triton")
+    p.add_argument("--backend", default="auto", help="dilated attention backend: auto, fa4, sdpa, te, triton")
     p.add_argument(
         "--doc-lens",
         default="0",

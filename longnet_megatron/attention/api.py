@@ -65,7 +65,7 @@ def dilated_attention(
     ``position_offset`` the global position of local token 0; patterns are chosen by global index.
     ``cp_group`` of size > 1 runs LongNet's distributed algorithm over that group (:mod:`.cp`), q, k, v
     being this rank's contiguous chunk. ``backend`` is a name of :func:`~.backends.backend_names` or a
-    backend object: ``"auto"`` is the first per-call kernel of sdpa, te, triton (CUDA only), reference
+    backend object: ``"auto"`` is the first per-call kernel of fa4, sdpa, te, triton (CUDA only), reference
     that accepts the inputs (``LONGNET_ATTENTION_BACKEND`` overrides it); ``"triton-fused"`` computes
     every pattern in one pass on one rank (:mod:`.fused`). ``document_ids`` ``[B, N]`` (a document is a
     run of equal ids; or a :class:`~.documents.Documents` made once per batch, which every layer then
@@ -129,7 +129,7 @@ def _whole_function_kernel(
     if distributed:
         raise UnsupportedInputError(
             f"backend {name!r} runs on one rank only; under context parallelism use a per-call kernel "
-            "(auto, sdpa, te, triton, reference)"
+            "(auto, fa4, sdpa, te, triton, reference)"
         )
     try:
         fused = importlib.import_module(WHOLE_FUNCTION_BACKENDS["triton-fused"])

@@ -24,7 +24,7 @@ Storage is one ``[B, Hq, R, D]`` tensor for keys and one for values, pattern i o
   then each slot keeps the tail of its pattern's last segment.
 
 The softmax runs over the multiset union of the patterns' keys (one softmax over the masked rows, or
-partial results merged by log-sum-exp with :func:`~.function.merge_partial`): a key that two patterns
+partial results merged by log-sum-exp with :func:`~.merge.merge_partial`): a key that two patterns
 reach counts twice, as in the full computation.
 """
 
@@ -39,8 +39,9 @@ import torch.nn.functional as F
 from .api import dilated_attention
 from .backends import AttentionBackend
 from .config import DilatedAttentionConfig
-from .function import merge_partial, new_accumulators
+from .function import new_accumulators
 from .indexing import RowBlock, Selection, heads_for_offset, kv_heads_for
+from .merge import merge_partial
 
 # Calls of 2 .. this many tokens take the piecewise decoding path; longer ones the prefill path.
 DECODE_MAX_TOKENS = 16

@@ -1,13 +1,16 @@
 """Exact dilated attention over any backend: per-pattern calls, the log-sum-exp merge, the exact backward.
 
 Forward (docs/design.md section 1): every task (one pattern, one head offset, one block of equal-length
-segments) is a dense attention call returning (O_i, L_i); results are merged online,
-L = logaddexp(L, L_i), O = O + (O_i - O) * exp(L_i - L), into one accumulator, so no per-pattern
-full-size buffer exists. When the first pattern covers every (position, head) (r = 1), its results are
-written straight into the accumulator instead of merged.
+segments) is a dense attention call returning (O_i, L_i), small tasks packed into shared calls, across
+patterns where their segment lengths agree (:mod:`.packing`); results are merged online,
+L = logaddexp(L, L_i), O = O + (O_i - O) * exp(L_i - L), into one accumulator (:mod:`.merge`, one fused
+kernel per call on CUDA; a call of several patterns part by part), so no per-pattern full-size buffer
+exists. When the first pattern covers every (position, head) (r = 1) in calls of its own that come
+first, its results are written straight into the accumulator instead of merged.
 
 Backward (docs/design.md section 2): each task's kernel backward runs on the gathered q, k, v with the
-MERGED O and L, and its dq, dk, dv are scatter-added. With P_i = exp(S_i - L) these are exactly the
+MERGED O and L, and its dq, dk, dv are scatter-added (the first pattern's written, by backends with
+``backward_into`` straight into views of the gradients). With P_i = exp(S_i - L) these are exactly the
 gradients of the merged attention; nothing is differentiated through the merge weights.
 
 Document masking (docs/design.md section 7): with :class:`~.documents.Documents`, each call whose
@@ -25,14 +28,17 @@ float32 buffers the size of q, k and v.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from .backends.base import AttentionBackend
 from .documents import Documents, Varlen, attend, attend_backward
 from .indexing import AttentionTask, Selection
-from .packing import PackedSelection, PackedTask, kernel_calls
+from .merge import merge_partial
+from .packing import MIXED, PackedSelection, PackedTask, kernel_calls
+
+Call = AttentionTask | PackedTask
 
 # Largest query (elements) of one kernel call: 2^27 is 256 MiB in bf16, 2^15 segments x heads of 2048 x 128.
 MAX_CALL_ELEMENTS = 1 << 27
@@ -100,6 +106,36 @@ def _first_pattern_covers_all(tasks: Sequence[AttentionTask], q: torch.Tensor) -
     return covered == n * h
 
 
+def _writes_first(tasks: Sequence[AttentionTask], calls: Sequence[tuple[Call, Varlen | None]],
+                  q: torch.Tensor) -> bool:  # fmt: skip
+    """True if the first pattern's calls may write their results: it covers every (position, head),
+    its calls hold it alone and come before every call of another pattern."""
+    if not _first_pattern_covers_all(tasks, q):
+        return False
+    first, other_seen = tasks[0].pattern, False
+    for call, _ in calls:
+        if call.pattern == first:
+            if other_seen:
+                return False
+        elif call.pattern == MIXED and any(p == first for p, _ in call.parts):
+            return False
+        else:
+            other_seen = True
+    return True
+
+
+def _parts(
+    call: Call, o_i: torch.Tensor, l_i: torch.Tensor
+) -> Iterator[tuple[Selection | PackedSelection, torch.Tensor, torch.Tensor]]:
+    """(selection, O_i, L_i) of each part of a call whose rows do not repeat (one pattern each)."""
+    if call.pattern != MIXED:
+        yield call.query, o_i, l_i
+        return
+    for _, start, count in call.split_parts():
+        end = start + count
+        yield call.query.sequences(start, count), o_i[start:end], l_i[start:end]
+
+
 def dilated_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -113,7 +149,8 @@ def dilated_forward(
     documents: Documents | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merged output ``[B, N, Hq, D]`` (q's dtype) and log-sum-exp ``[B, N, Hq]`` (float32/64)."""
-    direct = _first_pattern_covers_all(tasks, q)
+    calls = _document_calls(tasks, q, k, max_call_elements, backend, documents)
+    direct = _writes_first(tasks, calls, q)
     if direct:
         acc = _accumulator_dtype(q.dtype)
         out = torch.empty(q.shape, dtype=acc, device=q.device)
@@ -121,7 +158,7 @@ def dilated_forward(
     else:
         out, lse = new_accumulators(q)
     first = tasks[0].pattern if tasks else None
-    for task, varlen in _document_calls(tasks, q, k, max_call_elements, backend, documents):
+    for task, varlen in calls:
         sel, kv = task.query, task.key_value
         o_i, l_i = attend(
             backend, sel.gather(q), kv.gather(k), kv.gather(v), varlen, causal=causal, scale=scale
@@ -130,7 +167,8 @@ def dilated_forward(
             sel.put(out, o_i)
             sel.put(lse, l_i.transpose(1, 2))
         else:
-            merge_partial(out, lse, sel, o_i, l_i)
+            for part, o_p, l_p in _parts(task, o_i, l_i):
+                merge_partial(out, lse, part, o_p, l_p)
         del o_i, l_i
     return out.to(q.dtype), lse
 
@@ -141,31 +179,6 @@ def new_accumulators(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
     return out, lse
-
-
-def merge_partial(
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    sel: Selection | PackedSelection,
-    o_i: torch.Tensor,
-    l_i: torch.Tensor,
-) -> None:
-    """Fold one call's (O_i, L_i) (``[b, l, h, d]``, ``[b, h, l]``) into the selected part of (out, lse).
-
-    L = logaddexp(L, L_i); O = O + (O_i - O) * exp(L_i - L), which equals
-    O * exp(L_old - L) + O_i * exp(L_i - L): the exact softmax-denominator weighting of docs/design.md
-    section 1, applied online (in place where the selection is a view) so no per-pattern buffer is kept.
-    """
-    l_i = l_i.transpose(1, 2).to(lse.dtype)
-    l_old = sel.gather(lse)
-    l_new = torch.logaddexp(l_old, l_i)
-    weight = torch.exp(l_i - l_new).nan_to_num_(nan=0.0)  # nan: neither side saw a key, keep O
-    view = sel.view(out)
-    target = view if view is not None else sel.gather(out)
-    target.lerp_(o_i.to(out.dtype), weight[..., None])
-    if view is None:
-        sel.put(out, target)
-    sel.put(lse, l_new)
 
 
 def dilated_backward(
@@ -186,7 +199,8 @@ def dilated_backward(
     """Exact (dq, dk, dv) of the merged attention, given its output and log-sum-exp."""
     # The first pattern's gradients are written, not added, when it covers every (position, head) and
     # no key/value head is shared (GQA sums several query heads into one).
-    direct = _first_pattern_covers_all(tasks, q) and k.shape[2] == q.shape[2]
+    calls = _document_calls(tasks, q, k, max_call_elements, backend, documents)
+    direct = _writes_first(tasks, calls, q) and k.shape[2] == q.shape[2]
     first = tasks[0].pattern if tasks else None
     acc = _grad_dtype(q.dtype)
     alloc = torch.empty if direct else torch.zeros
@@ -194,8 +208,12 @@ def dilated_backward(
     dk = alloc(k.shape, dtype=acc, device=k.device)
     dv = alloc(v.shape, dtype=acc, device=v.device)
     dout = dout.to(q.dtype)
-    for task, varlen in _document_calls(tasks, q, k, max_call_elements, backend, documents):
+    for task, varlen in calls:
         sel, kv = task.query, task.key_value
+        write = direct and task.pattern == first
+        if write and varlen is None and _backward_in_place(backend, task, dout, q, k, v, out, lse, dq, dk, dv,
+                                                           causal, scale):  # fmt: skip
+            continue
         grads = attend_backward(
             backend,
             sel.gather(dout),
@@ -208,11 +226,40 @@ def dilated_backward(
             causal=causal,
             scale=scale,
         )
-        write = direct and task.pattern == first
         for where, dst, grad in ((sel, dq, grads[0]), (kv, dk, grads[1]), (kv, dv, grads[2])):
             where.put(dst, grad) if write else where.add(dst, grad)
         del grads
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _backward_in_place(
+    backend: AttentionBackend,
+    task: Call,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    causal: bool,
+    scale: float,
+) -> bool:
+    """Run a written (not added) call's backward straight into views of (dq, dk, dv), where the
+    backend offers it (``backward_into``) and the selections are views; False if it did not."""
+    into = getattr(backend, "backward_into", None)
+    if into is None or isinstance(task, PackedTask):
+        return False
+    sel, kv = task.query, task.key_value
+    targets = (sel.view(dq), kv.view(dk), kv.view(dv))
+    if any(t is None for t in targets):
+        return False
+    lse_i = sel.gather(lse).transpose(1, 2)
+    into(sel.gather(dout), sel.gather(q), kv.gather(k), kv.gather(v), sel.gather(out), lse_i, targets,
+         causal=causal, scale=scale)  # fmt: skip
+    return True
 
 
 class DilatedAttentionFunction(torch.autograd.Function):

@@ -226,7 +226,7 @@ def _device(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @click.option(
     "--backend",
     default=None,
-    help="Dilated attention backend (reference, sdpa, te, triton; default: stored).",
+    help="Dilated attention backend (reference, fa4, sdpa, te, triton; default: stored).",
 )
 @click.option("--device", default="cpu", show_default=True, callback=_device, help="cpu, cuda or cuda:N.")
 @click.option(

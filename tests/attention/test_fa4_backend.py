@@ -1,5 +1,5 @@
-"""The fa4 backend where no GPU is: listed by name, outside the automatic order, and check() names why
-it cannot run in one line (its numbers against the oracle are GPU tests, tests/attention/test_gpu_backends.py)."""
+"""The fa4 backend where no GPU is: listed by name, first in the automatic order (which moves on past
+it here), and check() names why it cannot run in one line (its numbers against the oracle are GPU tests, tests/attention/test_gpu_backends.py)."""
 
 from __future__ import annotations
 
@@ -19,11 +19,12 @@ def _one_line_reason(backend: FA4Backend, q: torch.Tensor) -> str:
     return message
 
 
-def test_fa4_is_a_backend_name_but_not_chosen_automatically():
+def test_fa4_leads_the_automatic_order_and_auto_moves_past_it_where_it_cannot_run():
     assert "fa4" in backend_names()
-    assert "fa4" not in AUTO_ORDER
+    assert AUTO_ORDER[0] == "fa4"
     q = torch.zeros(1, 8, 2, 64)
-    assert get_backend("auto", q).name == "reference"  # auto still works with fa4 registered
+    assert get_backend("auto", q).name == "reference"  # on CPU (or without flash-attn-4) auto moves on
+    assert get_backend("auto", q.to(torch.bfloat16), documents=True).name == "reference"
 
 
 def test_check_names_the_missing_library_or_the_device():

@@ -23,7 +23,15 @@ import os
 import pytest
 import torch
 
-from longnet_megatron.attention import UnsupportedInputError, dilated_attention, documents, get_backend
+from longnet_megatron.attention import (
+    UnsupportedInputError,
+    backends,
+    dilated_attention,
+    documents,
+    function,
+    get_backend,
+    packing,
+)
 from longnet_megatron.attention.backends.reference import ReferenceBackend
 from longnet_megatron.attention.indexing import plan_tasks
 
@@ -103,10 +111,16 @@ def _oracle(name: str, dtype: str, masked: bool = False) -> tuple[torch.Tensor, 
     return (ref.detach(), *torch.autograd.grad(ref, (q, k, v), dout))
 
 
+@pytest.mark.parametrize("calls", ["packed", "views"])
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 @pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_backend_matches_oracle(backend, name, dtype):
+def test_backend_matches_oracle(backend, name, dtype, calls, monkeypatch):
+    """``packed``: small tasks packed across patterns (these sizes pack whole plans); ``views``: one
+    call per task on strided views, the first pattern written in place (what long sequences do)."""
+    monkeypatch.setattr(function, "_CALLS", {})
+    if calls == "views":
+        monkeypatch.setattr(packing, "PACK_BELOW", 0)
     case = CASES[name]
     q, k, v, dout = case.tensors(DTYPES[dtype], seed=_seed(name, dtype), device="cuda")
     impl = _backend_or_skip(backend, q)
@@ -223,8 +237,13 @@ def test_backend_lse_and_strided_inputs(backend):
         assert rel_err(got, ref_grad.cpu()) < TOLERANCE
 
 
-def test_auto_choice_prefers_fused_kernels():
+def test_auto_choice_prefers_fused_kernels(monkeypatch):
     q = torch.zeros(1, 64, 4, 128, device="cuda", dtype=torch.bfloat16)
+    fa4 = get_backend("fa4")
+    fa4_runs = fa4.missing is None and torch.cuda.get_device_capability()[0] in (9, 10)
+    assert get_backend("auto", q).name == ("fa4" if fa4_runs else "sdpa")
+    assert get_backend("auto", q, documents=True).name == ("fa4" if fa4_runs else "sdpa")
+    monkeypatch.setattr(backends, "AUTO_ORDER", [b for b in backends.AUTO_ORDER if b != "fa4"])
     backend = get_backend("auto", q)
     assert backend.name == "sdpa" and backend.select(q) == "cudnn"
     # float32 on CUDA: neither te nor cuDNN/flash take it; sdpa's memory-efficient kernel does.
@@ -234,10 +253,9 @@ def test_auto_choice_prefers_fused_kernels():
     # Document masking: sdpa's variable-length path is its flash kernel (half precision only).
     assert get_backend("auto", q, documents=True).name == "sdpa"
     assert get_backend("auto", q32, documents=True).name == "reference"
-    # The order itself: sdpa, then te where it imports, then the project's triton kernel, then the reference.
-    from longnet_megatron.attention.backends import AUTO_ORDER
-
-    assert AUTO_ORDER == ["sdpa", "te", "triton", "reference"]
+    # The order itself: fa4 where it runs, sdpa, te where it imports, the project's triton kernel, the reference.
+    monkeypatch.undo()
+    assert backends.AUTO_ORDER == ["fa4", "sdpa", "te", "triton", "reference"]
 
 
 def test_override_by_environment(monkeypatch):

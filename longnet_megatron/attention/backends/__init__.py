@@ -13,12 +13,16 @@ Two kinds of backend share one namespace (:func:`backend_names` lists every name
   (:mod:`..fused`, one online softmax over every pattern, strided loads). They run on one rank only.
 
 ``"auto"`` takes the first per-call kernel of :data:`AUTO_ORDER` that imports and accepts the
-inputs (with document masking, the first whose variable-length path accepts them too): ``sdpa``, then ``te``, then ``triton`` (CUDA tensors only: never Triton's CPU interpreter),
-then ``reference``. On the H100 (bf16, D = 128, benchmarks/attention.md) sdpa's cuDNN path is
-15-25% faster than te at N >= 32K (it takes strided dilated selections as views, where TE's fixed
-layouts need a copy per call) and the per-call Triton kernel is slower than both. "auto" never picks
-``triton-fused``, nor (yet) ``fa4``: its place in the order waits for the GPU measurement
-(benchmarks/attention.md). A name picks one backend explicitly and fails with the reason if it cannot run.
+inputs (with document masking, the first whose variable-length path accepts them too): ``fa4``
+(where flash-attn-4 is installed, on compute capability 9.x/10.x), then ``sdpa``, then ``te``, then
+``triton`` (CUDA tensors only: never Triton's CPU interpreter), then ``reference``. On the H200 (bf16,
+D = 128, benchmarks/attention_wrapper.md) fa4 is the fastest at every N >= 16K (346 against sdpa-cudnn's
+309 useful TFLOP/s at 128K, 362 against 329 at 1M) and with document masking at 1M (0.97-1.12x of
+its unmasked time, where sdpa's flash varlen path is at 0.78-0.80x); at 8K the two are equal. sdpa's
+cuDNN path is 15-25% faster than te at N >= 32K (H100: it takes strided dilated selections as views,
+where TE's fixed layouts need a copy per call) and the per-call Triton kernel is slower than all of
+them. "auto" never picks ``triton-fused``. A name picks one backend explicitly and fails with the
+reason if it cannot run.
 The environment variable ``LONGNET_ATTENTION_BACKEND`` overrides ``"auto"`` (not an explicit name).
 """
 
@@ -43,7 +47,7 @@ _REGISTRY: dict[str, str | Callable[[], AttentionBackend]] = {
     "sdpa-efficient": ".sdpa:SdpaEfficientBackend",
     "reference": ReferenceBackend,
 }
-AUTO_ORDER: list[str] = ["sdpa", "te", "reference"]
+AUTO_ORDER: list[str] = ["fa4", "sdpa", "te", "reference"]
 # Whole-function kernels (all patterns of one rank in one pass): name -> the module that runs them.
 WHOLE_FUNCTION_BACKENDS: dict[str, str] = {"triton-fused": "longnet_megatron.attention.fused"}
 AUTO = "auto"
@@ -67,7 +71,9 @@ def register_backend(
         AUTO_ORDER.insert(auto_rank, name)
 
 
-register_backend("triton", ".triton_kernel:TritonBackend", auto_rank=2)  # the project's own; after sdpa, te
+register_backend(
+    "triton", ".triton_kernel:TritonBackend", auto_rank=3
+)  # the project's own; after fa4, sdpa, te
 
 
 def available_backends() -> list[str]:
@@ -149,6 +155,8 @@ def get_backend(
             continue  # never Triton's CPU interpreter unless asked for by name
         try:
             backend = _load(candidate)
+            if q is None and getattr(backend, "missing", None):  # nothing to check: skip what cannot load
+                raise UnsupportedInputError(backend.missing)
             _check(backend, q, documents)
             return backend
         except (*_LOAD_ERRORS, UnsupportedInputError) as err:

@@ -11,7 +11,9 @@ pointer are 16-byte aligned as it is, and copies the others itself (``maybe_cont
 selections are views with a contiguous head dimension and strides that are multiples of the head
 size, so with head_dim a multiple of 8 they go in without a copy; the merged log-sum-exp the backward
 receives is a transposed gather, which FA4 copies (it is 1/head_dim of the tensors' size).
-Gradients come back in fresh contiguous buffers.
+Gradients come back in fresh contiguous buffers, or (:meth:`FA4Backend.backward_into`) are written
+into given views: the first pattern's, which cover every position, go straight into the gradient
+tensors.
 
 Causal masking is top-left aligned only when the query and key lengths are equal (FA4 aligns it
 bottom-right otherwise), which is the only causal call the protocol makes. One-row sequences (a
@@ -127,6 +129,30 @@ class FA4Backend:
             q, k, v, out, dout, lse.float(), softmax_scale=scale, causal=causal
         )
         return dq, dk, dv
+
+    def backward_into(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        *,
+        causal: bool,
+        scale: float,
+    ) -> None:
+        """:meth:`backward` writing ``(dq, dk, dv)`` into ``grads`` (views of the accumulators, any
+        16-byte aligned strides): the first pattern's gradients land in place, with no copy."""
+        if q.shape[1] == 1:
+            for dst, grad in zip(grads, self.backward(dout, q, k, v, out, lse, causal=causal, scale=scale)):
+                dst.copy_(grad)
+            return
+        dq, dk, dv = grads
+        self._interface._flash_attn_bwd(
+            q, k, v, out, dout, lse.float(), softmax_scale=scale, causal=causal, dq=dq, dk=dk, dv=dv
+        )
 
     # -- variable-length batches (document masking) ---------------------------------------------
     def check_varlen(self, q: torch.Tensor) -> None:

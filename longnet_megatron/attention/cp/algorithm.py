@@ -36,8 +36,9 @@ import torch.distributed as dist
 from ..backends import AttentionBackend, get_backend
 from ..config import DilatedAttentionConfig
 from ..documents import Documents
-from ..function import dilated_backward, dilated_forward, merge_partial
+from ..function import dilated_backward, dilated_forward
 from ..indexing import RowBlock, Selection, index_tensor
+from ..merge import merge_partial
 from .documents import DocumentSpan, RemoteCall, document_spans, remote_calls
 from .exchange import PendingExchange, ensure_communicator, start_exchange
 from .plan import ContextParallelPlan, CrossingSegment, OffsetExchange, plan_context_parallel

@@ -34,7 +34,7 @@ class ModelConfig:
     dilation_rates: list[int] | None = None  # r_i, one per w_i
     vocab_size: int | None = None  # None: the tokenizer's (real data) or the preset's (synthetic)
     attention_backend: str = (
-        "auto"  # any name of attention.backend_names(): auto, sdpa, te, triton, triton-fused, ...
+        "auto"  # any name of attention.backend_names(): auto, fa4, sdpa, te, triton, triton-fused, ...
     )
     use_te: bool | None = None  # Transformer Engine layers; None: when TE imports
     # auto: the least recomputation whose modelled footprint fits the GPU (train/memory_plan.py; none on

@@ -239,7 +239,7 @@ def _validate_parallel(job: JobConfig, preset: LongNetPreset) -> None:
     if cp > 1 and job.model.attention_backend in WHOLE_FUNCTION_BACKENDS:
         raise ConfigError(
             f"model.attention_backend={job.model.attention_backend} runs on one rank only; with "
-            f"parallel.context_parallel_size={cp} choose a per-call kernel (auto, sdpa, te, triton)"
+            f"parallel.context_parallel_size={cp} choose a per-call kernel (auto, fa4, sdpa, te, triton)"
         )
     try:
         DilatedAttentionConfig(
