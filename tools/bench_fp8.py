@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="a packed prefix at --seq-length (default: pack the stdlib)")
     p.add_argument("--workers", type=int, default=8, help="tokenizer processes for the default dataset")
     p.add_argument("--out", default="benchmarks/train_fp8", help="writes OUT.json and OUT.md")
+    p.add_argument(
+        "--workdir", default=None, help="keep the dataset and each run's train.log here (default: a temp dir)"
+    )
     args = p.parse_args(argv)
     args.recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     for recipe in args.recipes:
@@ -104,10 +107,14 @@ def train(args: argparse.Namespace, data: str, run_dir: Path, fp8: str | None) -
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
     started = time.perf_counter()
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir / "train.log"
+    print(f"{fp8 or 'bf16':>10}: started ({log})", flush=True)
+    with open(log, "w") as out:  # streamed, so a run cut off by a time limit leaves its log
+        result = subprocess.run(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
     if result.returncode != 0:
-        sys.stderr.write(result.stderr[-4000:])
-        raise SystemExit(f"bench_fp8: the {fp8 or 'bf16'} run failed (exit {result.returncode})")
+        sys.stderr.write(log.read_text()[-4000:])
+        raise SystemExit(f"bench_fp8: the {fp8 or 'bf16'} run failed (exit {result.returncode}; log {log})")
     with open(run_dir / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
     print(f"{fp8 or 'bf16':>10}: {time.perf_counter() - started:.0f} s", flush=True)
@@ -225,8 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = shlex.join(["python", "tools/bench_fp8.py", *(sys.argv[1:] if argv is None else argv)])
     with tempfile.TemporaryDirectory(prefix="bench_fp8_") as tmp:
-        root = Path(tmp)
+        root = Path(args.workdir or tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
         data = args.data or stdlib_dataset(root, args.seq_length, args.workers)
+        print(f"dataset {data}: {time.perf_counter() - started:.0f} s", flush=True)
         runs = {"bf16": train(args, data, root / "bf16", None)}
         table = write_results(args, command, runs)
         for recipe in args.recipes:

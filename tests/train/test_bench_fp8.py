@@ -67,3 +67,14 @@ def test_results_are_written_after_each_run(tmp_path):
     assert "| bf16 | 11.0000 | 8.0000 | - | - | 1,000 |" in table
     assert (tmp_path / "fp8.md").read_text() == table
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_run_streams_its_log_and_returns_its_train_records(packed_prefix, tmp_path, capsys):
+    """One real (bf16, CPU) run through the benchmark's own ``train``: the records come back and the
+    child's output is in ``train.log`` (what a run cut off by a time limit leaves behind)."""
+    tool = load_tool("bench_fp8")
+    args = tool.parse_args(["--preset", "tiny", "--seq-length", "128", "--global-batch", "2", "--steps", "3"])
+    rows = tool.train(args, packed_prefix, tmp_path / "bf16", None)
+    assert [r["step"] for r in rows][-1] == 3 and all(r["kind"] == "train" for r in rows)
+    assert "step" in (tmp_path / "bf16" / "train.log").read_text()
+    assert "bf16: started" in capsys.readouterr().out
