@@ -211,8 +211,8 @@ def dilated_backward(
     for task, varlen in calls:
         sel, kv = task.query, task.key_value
         write = direct and task.pattern == first
-        if write and varlen is None and _backward_in_place(backend, task, dout, q, k, v, out, lse, dq, dk, dv,
-                                                           causal, scale):  # fmt: skip
+        saved = (dout, q, k, v, out, lse)
+        if write and varlen is None and _backward_in_place(backend, task, saved, (dq, dk, dv), causal, scale):
             continue
         grads = attend_backward(
             backend,
@@ -235,27 +235,24 @@ def dilated_backward(
 def _backward_in_place(
     backend: AttentionBackend,
     task: Call,
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    dq: torch.Tensor,
-    dk: torch.Tensor,
-    dv: torch.Tensor,
+    saved: tuple[torch.Tensor, ...],
+    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     causal: bool,
     scale: float,
 ) -> bool:
-    """Run a written (not added) call's backward straight into views of (dq, dk, dv), where the
-    backend offers it (``backward_into``) and the selections are views; False if it did not."""
+    """Run a written (not added) call's backward straight into views of ``grads`` (dq, dk, dv), where
+    the backend offers it (``backward_into``) and the selections are views; False if it did not.
+
+    ``saved``: (dout, q, k, v, out, lse) of the whole step.
+    """
     into = getattr(backend, "backward_into", None)
     if into is None or isinstance(task, PackedTask):
         return False
     sel, kv = task.query, task.key_value
-    targets = (sel.view(dq), kv.view(dk), kv.view(dv))
+    targets = (sel.view(grads[0]), kv.view(grads[1]), kv.view(grads[2]))
     if any(t is None for t in targets):
         return False
+    dout, q, k, v, out, lse = saved
     lse_i = sel.gather(lse).transpose(1, 2)
     into(sel.gather(dout), sel.gather(q), kv.gather(k), kv.gather(v), sel.gather(out), lse_i, targets,
          causal=causal, scale=scale)  # fmt: skip
