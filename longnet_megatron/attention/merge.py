@@ -68,11 +68,16 @@ def merge_partial_torch(
 def _fused_applies(
     out: torch.Tensor, lse: torch.Tensor, sel: Selection | PackedSelection, o_i: torch.Tensor
 ) -> bool:
-    """True when the Triton kernel takes this merge: float32 contiguous accumulators on CUDA, the
-    output rows' last dimension contiguous, query heads a slice (or packed). (Tests call
-    :func:`merge_partial_fused` on CPU tensors in Triton's interpreter directly.)"""
-    if not FUSED or triton is None or not out.is_cuda:
-        return False
+    """True when the Triton kernel takes this merge: on CUDA, in the layouts :func:`fused_takes` names.
+    (Tests call the kernel on CPU tensors in Triton's interpreter.)"""
+    return FUSED and triton is not None and out.is_cuda and fused_takes(out, lse, sel, o_i)
+
+
+def fused_takes(
+    out: torch.Tensor, lse: torch.Tensor, sel: Selection | PackedSelection, o_i: torch.Tensor
+) -> bool:
+    """Whether the kernel's layout fits: float32 contiguous accumulators, the output rows' last
+    dimension contiguous, query heads a slice (or a packed selection)."""
     if out.dtype != torch.float32 or lse.dtype != torch.float32:
         return False
     if not (out.is_contiguous() and lse.is_contiguous() and o_i.stride(-1) == 1):

@@ -13,6 +13,8 @@ from longnet_megatron.attention.indexing import RowBlock, Selection
 from longnet_megatron.attention.merge import merge_partial_fused, merge_partial_torch
 from longnet_megatron.attention.packing import PackedSelection
 
+from .cases import NAMED_CASES
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B, N, H, D = 2, 40, 6, 24  # D not a power of two: the column mask is exercised
 
@@ -76,3 +78,35 @@ def test_fused_merge_equals_torch_merge(name, some_unseen, dtype):
     before_out, before_lse = _state(3, some_unseen)
     assert torch.equal(got_out[untouched], before_out[untouched])  # nothing outside the selection moves
     assert torch.equal(got_lse[untouched], before_lse[untouched])
+
+
+@pytest.fixture
+def fused_everywhere(monkeypatch):
+    """The fused merge on CPU tensors too (Triton's interpreter), wherever it would apply on CUDA."""
+    from longnet_megatron.attention import merge
+
+    if merge.triton is None:
+        pytest.fail("triton is a test dependency (requirements-dev.txt)")
+    calls = []
+
+    def on_cpu_too(out, lse, sel, o_i):
+        calls.append(merge.fused_takes(out, lse, sel, o_i))
+        return calls[-1]
+
+    monkeypatch.setattr(merge, "_fused_applies", on_cpu_too)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["paper_ragged_causal", "gqa_offsets", "n_multiple_of_largest"])
+def test_dilated_attention_with_the_fused_merge_matches_the_oracle(name, fused_everywhere):
+    from .test_dilated_attention import check_against_oracle
+
+    check_against_oracle(NAMED_CASES[name], torch.float32, seed=5)
+    assert any(fused_everywhere)  # the kernel took part
+
+
+def test_decoding_with_the_fused_merge_matches_the_full_function(fused_everywhere):
+    from .test_decode import test_float32_decoding_matches_the_full_function as float32_decoding
+
+    float32_decoding()
+    assert any(fused_everywhere)
