@@ -130,3 +130,27 @@ def test_first_pattern_gradients_written_in_place_are_the_same(name, monkeypatch
     assert backend.into_calls == sum(t.pattern == tasks[0].pattern for t in tasks) > 0
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-13, atol=1e-13)
+
+
+def test_a_first_pattern_packed_after_other_calls_is_merged_not_written(monkeypatch):
+    """The first pattern's clipped last segment is small, packed with the second pattern's after the
+    large calls: the first pattern may then not be written over (its rows were merged into already)."""
+    config = DilatedAttentionConfig((8, 16), (1, 1), causal=True)
+    n, heads = 100, 2
+    gen = torch.Generator().manual_seed(2)
+    q, k, v, dout = (torch.randn(1, n, heads, 8, generator=gen, dtype=torch.float64) for _ in range(4))
+    tasks = plan_tasks(config, n, heads, heads)
+    monkeypatch.setattr(packing, "PACK_BELOW", 8 * heads * 8 + 1)  # the 4-row partial blocks only
+    monkeypatch.setattr(packing, "PACK_PLAN_BELOW", 0)
+    monkeypatch.setattr(function, "_CALLS", {})
+    calls = packing.kernel_calls(tasks, tuple(q.shape), heads, q.device, function.MAX_CALL_ELEMENTS)
+    assert [c.pattern for c in calls] == [0, 1, packing.MIXED]
+    assert not function._writes_first(tasks, [(c, None) for c in calls], q)
+    kw = {"causal": True, "scale": 0.3}
+    out, lse = dilated_forward(q, k, v, tasks, ReferenceBackend(), **kw)
+    grads = dilated_backward(dout, q, k, v, out, lse, tasks, ReferenceBackend(), **kw)
+    q64, k64, v64 = (t.clone().requires_grad_(True) for t in (q, k, v))
+    ref = oracle_attention(q64, k64, v64, (8, 16), (1, 1), True, softmax_scale=0.3)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for got, want in zip(grads, torch.autograd.grad(ref, (q64, k64, v64), dout)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
