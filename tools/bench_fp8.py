@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--recipes", default=",".join(RECIPES), help="comma list of FP8 recipes")
+    p.add_argument(
+        "--backend", default="auto", help="dilated attention backend of every run (model.attention_backend)"
+    )
     p.add_argument("--window", type=int, default=50, help="last steps the loss difference is averaged over")
     p.add_argument("--data", default=None, help="a packed prefix at --seq-length (default: pack the stdlib)")
     p.add_argument("--workers", type=int, default=8, help="tokenizer processes for the default dataset")
@@ -80,6 +83,7 @@ def train_command(args: argparse.Namespace, data: str, run_dir: Path, fp8: str |
         f"model.preset={args.preset}",
         f"model.seq_length={args.seq_length}",
         f"model.fp8={fp8 or 'null'}",
+        f"model.attention_backend={args.backend}",
         f"data.prefixes=[{data}]",
         f"train.steps={args.steps}",
         "train.micro_batch_size=1",
@@ -162,7 +166,7 @@ def markdown(payload: dict[str, Any]) -> str:
         f"# FP8 loss parity ({meta['device']}, {meta['preset']}, L={meta['seq_length']})",
         "",
         f"{meta['preset']} trained {meta['steps']} steps of {meta['global_batch']} x {meta['seq_length']} tokens "
-        f"on {meta['data']}, bf16 and with the FP8 recipes of the TE linears (model.fp8; dilated attention, "
+        f"on {meta['data']}, dilated attention backend {meta.get('backend', 'auto')}, bf16 and with the FP8 recipes of the TE linears (model.fp8; dilated attention, "
         "embedding and loss in bf16), same seed (same initial weights), same data order. 'tail |diff|': mean "
         f"|FP8 - bf16| loss over the last {meta['window']} steps (logged every 10).",
         "",
@@ -211,6 +215,7 @@ def write_results(args: argparse.Namespace, command: str, runs: dict[str, list[d
             "global_batch": args.global_batch,
             "steps": args.steps,
             "window": args.window,
+            "backend": args.backend,
             "data": args.data or "the Python standard library (cl100k)",
             **environment(),
         },

@@ -49,12 +49,13 @@ def test_the_training_command_is_one_the_trainer_accepts(packed_prefix, tmp_path
     from longnet_megatron.train.cli import main
 
     tool = load_tool("bench_fp8")
-    args = tool.parse_args(["--preset", "tiny", "--seq-length", "128", "--steps", "20"])
+    args = tool.parse_args(["--preset", "tiny", "--seq-length", "128", "--steps", "20", "--backend", "sdpa"])
     command = tool.train_command(args, packed_prefix, tmp_path / "run", "delayed")
     assert command[1:3] == ["-m", "longnet_megatron.train"]
     result = CliRunner().invoke(main, [*command[3:], "--print-config"])
     assert result.exit_code == 0, result.output
     assert "preset: tiny" in result.output and "fp8: delayed" in result.output
+    assert "attention_backend: sdpa" in result.output
 
 
 def test_results_are_written_after_each_run(tmp_path):
