@@ -132,3 +132,32 @@ def test_host_copies_keep_shape_strides_and_dtype():
     back = from_host(saved)
     assert back.shape == t.shape and back.stride() == t.stride() and back.dtype == t.dtype
     assert torch.equal(back, t)
+
+
+def _trainer_losses(run_dir: str) -> dict:
+    """Two steps of the tiny job with full recompute, without and with both memory savers."""
+    from longnet_megatron.train.config import load_config
+    from longnet_megatron.train.distributed import world_from_env
+    from longnet_megatron.train.job import resolve_job
+    from longnet_megatron.train.trainer import Trainer
+
+    runs = {"plain": [], "savers": ["model.offload_layer_inputs=2", "model.mlp_chunk_tokens=64"]}
+    out = {}
+    for name, extra in runs.items():
+        overrides = ["data.synthetic=true", "train.steps=2", "train.global_batch_size=2", "train.eval_interval=0",
+                     "logging.tensorboard=false", "checkpoint.save_at_end=false", "optim.warmup_steps=0",
+                     "train.exit_signal_handling=false", f"run.dir={run_dir}/{name}", "model.recompute=full", *extra]  # fmt: skip
+        trainer = Trainer(resolve_job(load_config(None, overrides), world_from_env().world_size))
+        trainer.train()
+        trainer.close()
+        offloaded = trainer.offloader.offloaded if trainer.offloader else None
+        out[name] = ([r["loss"] for r in trainer.history], offloaded, trainer.model_config.mlp_chunk_tokens)
+    return out
+
+
+def test_the_trainer_runs_the_offloader_and_the_chunked_mlp(tmp_path):
+    from longnet_megatron.testing import run_distributed
+
+    (result,) = run_distributed(_trainer_losses, 1, layout=None, args=(str(tmp_path),), timeout_s=300)
+    assert result["plain"][1:] == (None, None) and result["savers"][1:] == ([1, 2], 64)
+    assert result["savers"][0] == pytest.approx(result["plain"][0], rel=1e-6)
