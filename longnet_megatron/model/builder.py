@@ -18,11 +18,12 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from longnet_megatron.model.chunked_mlp import quiet_chunked_mlp_notice
 from longnet_megatron.model.config import LongNetConfig, PerLayerPatterns
 from longnet_megatron.model.gpt_model import LongNetGPTModel
 from longnet_megatron.model.presets import LongNetPreset, get_preset
 from longnet_megatron.model.rope import ContiguousCPRotaryEmbedding
-from longnet_megatron.model.specs import get_longnet_layer_spec
+from longnet_megatron.model.specs import get_longnet_layer_spec, with_chunked_mlp
 
 
 def _parallel_sizes() -> dict[str, Any]:
@@ -104,7 +105,7 @@ def build_longnet_gpt(
     pre_process / post_process / vp_stage: this pipeline stage's part, as Megatron's model providers.
     use_te: Transformer Engine layers (None: when TE imports). See :func:`get_longnet_layer_spec`.
     layer_spec: another transformer layer spec (e.g. Megatron's dense one, for baselines); ``use_te`` is
-        then unused.
+        then unused. Either spec's MLP runs in chunks when ``config.mlp_chunk_tokens`` is set.
     The model is a :class:`LongNetGPTModel` (GPTModel plus the chunked loss of ``loss_chunk_tokens``).
     """
     preset = get_preset(preset)
@@ -114,20 +115,24 @@ def build_longnet_gpt(
         raise ValueError("pass config overrides or a ready config, not both")
     if layer_spec is None:
         layer_spec = get_longnet_layer_spec(use_te, normalization=config.normalization)
-    model = LongNetGPTModel(
-        config=config,
-        transformer_layer_spec=layer_spec,
-        vocab_size=preset.padded_vocab_size(config.tensor_model_parallel_size),
-        max_sequence_length=preset.seq_length,
-        pre_process=pre_process,
-        post_process=post_process,
-        parallel_output=parallel_output,
-        share_embeddings_and_output_weights=preset.tie_embeddings,
-        position_embedding_type="rope",
-        rotary_base=preset.rotary_base,
-        pg_collection=pg_collection,
-        vp_stage=vp_stage,
-    )
+    if config.mlp_chunk_tokens:
+        tp_group = pg_collection.tp if pg_collection is not None else None
+        layer_spec = with_chunked_mlp(layer_spec, config.mlp_chunk_tokens, tp_group)
+    with quiet_chunked_mlp_notice():
+        model = LongNetGPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec,
+            vocab_size=preset.padded_vocab_size(config.tensor_model_parallel_size),
+            max_sequence_length=preset.seq_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=parallel_output,
+            share_embeddings_and_output_weights=preset.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=preset.rotary_base,
+            pg_collection=pg_collection,
+            vp_stage=vp_stage,
+        )
     # Same angles as Megatron's RotaryEmbedding, sliced by LongNet's contiguous CP split.
     model.rotary_pos_emb = ContiguousCPRotaryEmbedding(
         kv_channels=config.kv_channels,

@@ -41,12 +41,16 @@ class LongNetConfig(TransformerConfig):
                                  Megatron's own ``attention_backend`` field is unrelated and unused.
     loss_chunk_tokens:           training loss from the output layer in chunks of this many tokens, never
                                  materialising the logits (:class:`LongNetGPTModel`); None or 0: off.
+    mlp_chunk_tokens:            run each layer's MLP in chunks of this many tokens, each under an activation
+                                 checkpoint (:class:`~longnet_megatron.model.chunked_mlp.ChunkedMLP`: only one
+                                 chunk's fc1/GeLU activations alive in backward); None or 0: off.
     """
 
     dilated_attention: DilatedAttentionConfig | None = None
     dilated_attention_per_layer: PerLayerPatterns | None = None
     attention_backend_name: str = "auto"
     loss_chunk_tokens: int | None = None
+    mlp_chunk_tokens: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -61,9 +65,15 @@ class LongNetConfig(TransformerConfig):
             self.dilated_attention_per_layer = per_layer
         if self.dilated_attention is None and per_layer is None:
             raise ValueError("LongNetConfig needs dilated_attention (or dilated_attention_per_layer)")
-        chunk = self.loss_chunk_tokens
-        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0):
-            raise ValueError(f"loss_chunk_tokens={chunk!r} must be None or an integer >= 0 (0: off)")
+        for name in ("loss_chunk_tokens", "mlp_chunk_tokens"):
+            chunk = getattr(self, name)
+            if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0):
+                raise ValueError(f"{name}={chunk!r} must be None or an integer >= 0 (0: off)")
+        if self.mlp_chunk_tokens and self.fp8:
+            raise ValueError(
+                f"mlp_chunk_tokens={self.mlp_chunk_tokens} with fp8={self.fp8!r}: the chunks' activation "
+                "checkpoints would replay Transformer Engine's FP8 amax updates; use one or the other"
+            )
         if self.attention_dropout:
             raise ValueError(
                 f"attention_dropout={self.attention_dropout}: dilated attention has no dropout on "

@@ -18,6 +18,7 @@ import os
 import random
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from longnet_megatron.train.config import dump_config
 from longnet_megatron.train.distributed import World, init_distributed, world_from_env
 from longnet_megatron.train.fp8 import check_fp8_device
 from longnet_megatron.train.job import ResolvedJob
-from longnet_megatron.train.memory_plan import device_memory_bytes, plan_for_job
+from longnet_megatron.train.memory_plan import device_memory_bytes, host_memory_bytes, plan_for_job
 from longnet_megatron.train.metrics import MetricsWriter, memory_gib, peak_tflops, preset_training_flops
 from longnet_megatron.train.model import (
     build_model_chunks,
@@ -49,6 +50,7 @@ from longnet_megatron.train.model import (
     unwrap,
     uses_transformer_engine,
 )
+from longnet_megatron.train.offload import layer_input_offloader
 from longnet_megatron.train.optim import build_optimizer, build_scheduler
 from longnet_megatron.train.position_loss import PositionEvaluator, packed_split_for
 from longnet_megatron.train.signals import REQUEUE_EXIT_CODE, ExitSignals
@@ -101,12 +103,15 @@ class Trainer:
 
         # Model: this rank's pipeline chunks, DDP-wrapped; its record goes into every checkpoint.
         self.preset, self.seq_length = resolved.preset, resolved.seq_length
-        self.memory_plan = plan_for_job(
-            resolved, loss_chunk_tokens(resolved), device_memory_bytes(self.device)
-        )
+        device_bytes = device_memory_bytes(self.device)
+        host_bytes = host_memory_bytes() if device_bytes is not None else None
+        self.memory_plan = plan_for_job(resolved, loss_chunk_tokens(resolved), device_bytes, host_bytes)
         (log.info if self.memory_plan.fits else log.warning)("memory plan: %s", self.memory_plan.describe())
         self.model_config = transformer_config(resolved, config_overrides, self.memory_plan.recompute)
         self.chunks = build_model_chunks(resolved, self.model_config, self.device, layer_spec)
+        # The plan's offloaded layer inputs (one pipeline stage, so one model chunk): around its forward.
+        offload = self.memory_plan.recompute.offload_layers
+        self.offloader = layer_input_offloader(unwrap(self.chunks)[0], offload) if offload else None
         self.record = model_record(self.preset, self.model_config, resolved.tokenizer)
         if init_weights is not None:
             init_weights(unwrap(self.chunks))
@@ -269,8 +274,9 @@ class Trainer:
     def _forward_step(self, data_iterator, model):
         batch = data_lib.split_for_context_parallel(next(data_iterator), self.cp_rank, self.cp_size)
         batch = data_lib.to_device(batch, self.device)
-        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
-                       packed_seq_params=data_lib.packed_seq_params(batch, self.job.data, self.seq_length))  # fmt: skip
+        with self.offloader or nullcontext():
+            output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                           packed_seq_params=data_lib.packed_seq_params(batch, self.job.data, self.seq_length))  # fmt: skip
         return output, partial(_loss_func, batch["loss_mask"])
 
     def _forward_backward(self, iterators: list, forward_only: bool) -> tuple[float, float]:

@@ -42,6 +42,13 @@ class ModelConfig:
     recompute: str = "auto"
     recompute_method: str = "uniform"  # full recompute: uniform or block
     recompute_num_layers: int = 1  # full recompute: layers per checkpointed group (uniform) / count (block)
+    # Each layer's MLP in chunks of this many tokens, each under an activation checkpoint (backward keeps
+    # one chunk's fc1/GeLU outputs; one more MLP forward); null: the planner's choice under auto, else
+    # off; 0: off. Not with model.fp8
+    mlp_chunk_tokens: int | None = None
+    # The saved inputs of the first k checkpointed layers in pinned host memory (model.recompute=full,
+    # one pipeline stage); under auto the planner chooses k and this stays 0
+    offload_layer_inputs: int = 0
     # FP8 GEMMs in the Transformer Engine linears (the dilated core attention stays bf16): null (off),
     # delayed, tensorwise or blockwise (TE's recipes on Hopper); needs TE layers, bf16, compute capability 8.9+
     fp8: str | None = None

@@ -47,6 +47,7 @@ _NON_NEGATIVE = (
     "optim.warmup_steps",
     "data.num_workers",
     "model.fp8_margin",
+    "model.offload_layer_inputs",
 )
 _POSITIVE_OR_NULL = (
     "model.num_layers",
@@ -90,6 +91,7 @@ def validate_job(job: JobConfig, preset: LongNetPreset) -> None:
     """
     _validate_values(job)
     _validate_parallel(job, preset)
+    _validate_memory_savers(job, preset)
     for key in ("checkpoint.load", "checkpoint.init_from"):
         path = job.get(key)
         if path is not None and not os.path.isdir(path):
@@ -198,6 +200,46 @@ def _validate_fp8(job: JobConfig) -> None:
         raise ConfigError(
             f"model.fp8={m.fp8} needs train.precision=bf16 (FP8 GEMMs keep bf16 weights and activations), "
             f"not {job.train.precision}"
+        )
+
+
+def _validate_memory_savers(job: JobConfig, preset: LongNetPreset) -> None:
+    """The chunked MLP and layer-input offloading: what they need (docs/training.md, the memory planner)."""
+    m, layout = job.model, job.layout
+    if m.mlp_chunk_tokens is not None and m.mlp_chunk_tokens < 0:
+        raise ConfigError(
+            f"model.mlp_chunk_tokens={m.mlp_chunk_tokens} must be >= 0 (0: off; null: the planner's choice)"
+        )
+    if m.mlp_chunk_tokens and m.fp8 is not None:
+        raise ConfigError(
+            f"model.mlp_chunk_tokens={m.mlp_chunk_tokens} with model.fp8={m.fp8}: the chunks' activation "
+            "checkpoints would replay Transformer Engine's FP8 amax updates; set model.mlp_chunk_tokens=0 "
+            "or model.fp8=null"
+        )
+    k = m.offload_layer_inputs
+    if not k:
+        return
+    if m.recompute == "auto":
+        raise ConfigError(
+            f"model.offload_layer_inputs={k} with model.recompute=auto: the planner chooses it there; "
+            "set model.recompute=full to choose it yourself"
+        )
+    if m.recompute != "full":
+        raise ConfigError(
+            f"model.offload_layer_inputs={k} needs model.recompute=full, not {m.recompute} (only layers "
+            "recomputed whole save just their inputs)"
+        )
+    if layout.pp > 1:
+        raise ConfigError(
+            f"model.offload_layer_inputs={k} runs on one pipeline stage only, not with "
+            f"parallel.pipeline_model_parallel_size={layout.pp}"
+        )
+    layers, group = preset.num_layers, m.recompute_num_layers
+    inputs = -(-layers // group) if m.recompute_method == "uniform" else min(group, layers)
+    if k > inputs:
+        raise ConfigError(
+            f"model.offload_layer_inputs={k}: recompute {m.recompute_method} with "
+            f"model.recompute_num_layers={group} saves {inputs} layer inputs of {layers} layers"
         )
 
 
