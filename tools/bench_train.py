@@ -350,12 +350,14 @@ def run_subprocess(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as err:  # what it logged so far says how far it got
+        partial = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else err.stderr or ""
+        sys.stderr.write(partial[-4000:])
         return {"status": f"timeout ({timeout_s:.0f} s)"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
             result = json.loads(line[len(RESULT_TAG) :])
-            if result["status"] not in ("ok", "OOM"):
+            if result["status"] != "ok":  # an OOM's log says where the memory went
                 sys.stderr.write(proc.stderr[-4000:])
             return result
     sys.stderr.write(proc.stderr[-4000:])
