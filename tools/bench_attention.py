@@ -386,7 +386,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pack-below", type=int, default=None, help="override packing.PACK_BELOW (tuning)")
     p.add_argument("--pack-plan-below", type=int, default=None, help="override packing.PACK_PLAN_BELOW")
     p.add_argument(
-        "--merge", choices=["fused", "torch"], default="fused", help="the merge kernel (torch: PyTorch ops)"
+        "--merge",
+        choices=["deferred", "fused", "torch"],
+        default="deferred",
+        help="the forward's merge: deferred (one pass at the end, where the plan fits), fused (online, "
+        "one kernel per call), torch (online, PyTorch ops)",
     )
     p.add_argument("--ref", default=None, help="what code this is (e.g. a commit), shown with the run")
     p.add_argument("--out-json", default="benchmarks/attention.json")
@@ -436,6 +440,13 @@ def _apply_knobs(args: argparse.Namespace) -> None:
         packing.PACK_BELOW = args.pack_below
     if args.pack_plan_below is not None:
         packing.PACK_PLAN_BELOW = args.pack_plan_below
+    if args.merge != "deferred":
+        try:
+            from longnet_megatron.attention import deferred
+        except ImportError:  # older versions merge online only
+            deferred = None
+        if deferred is not None:
+            deferred.ENABLED = False
     if args.merge == "torch":
         try:
             from longnet_megatron.attention import merge

@@ -2,15 +2,18 @@
 
 Forward (docs/design.md section 1): every task (one pattern, one head offset, one block of equal-length
 segments) is a dense attention call returning (O_i, L_i), small tasks packed into shared calls, across
-patterns where their segment lengths agree (:mod:`.packing`); results are merged online,
+patterns where their segment lengths agree (:mod:`.packing`). Where every w is a multiple of its r
+(the usual geometric patterns) and there are no documents, each call writes into its pattern's compact
+buffer and one pass merges them at the end (:mod:`.deferred`). Otherwise results are merged online,
 L = logaddexp(L, L_i), O = O + (O_i - O) * exp(L_i - L), into one accumulator (:mod:`.merge`, one fused
 kernel per call on CUDA; a call of several patterns part by part), so no per-pattern full-size buffer
 exists. When the first pattern covers every (position, head) (r = 1) in calls of its own that come
 first, its results are written straight into the accumulator instead of merged.
 
 Backward (docs/design.md section 2): each task's kernel backward runs on the gathered q, k, v with the
-MERGED O and L, and its dq, dk, dv are scatter-added (the first pattern's written, by backends with
-``backward_into`` straight into views of the gradients). With P_i = exp(S_i - L) these are exactly the
+MERGED O and L, and its dq, dk, dv are scatter-added (one fused kernel per call on CUDA,
+:mod:`.grad_add`; the first pattern's written, by backends with ``backward_into`` straight into views
+of the gradients). With P_i = exp(S_i - L) these are exactly the
 gradients of the merged attention; nothing is differentiated through the merge weights.
 
 Document masking (docs/design.md section 7): with :class:`~.documents.Documents`, each call whose
@@ -21,7 +24,8 @@ backward are the same, since every call still returns (O_i, L_i) of its rows.
 Memory (1M tokens must fit one 80 GB GPU): selections are views wherever the layout allows (r = 1, and
 w a multiple of r), gathered copies are dropped as soon as the kernel has read them, calls are cut so
 that one call's query holds at most ``MAX_CALL_ELEMENTS`` elements (bounding kernel outputs and
-workspace), the forward keeps one float32 output accumulator, and half-precision gradients are
+workspace), the forward keeps per-pattern buffers in q's dtype (deferred merge; together smaller than
+one float32 accumulator of the output, which the online merge keeps), and half-precision gradients are
 accumulated in their own dtype (each add computed in float32 and rounded once) rather than in three
 float32 buffers the size of q, k and v.
 """
@@ -32,8 +36,11 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from . import deferred
 from .backends.base import AttentionBackend
+from .deferred import DeferredLayout, DeferredMerge, deferred_layout
 from .documents import Documents, Varlen, attend, attend_backward
+from .grad_add import add_call_grads
 from .indexing import AttentionTask, Selection
 from .merge import merge_partial
 from .packing import MIXED, PackedSelection, PackedTask, kernel_calls
@@ -71,6 +78,23 @@ def _calls(
         _CALLS.pop(next(iter(_CALLS)))
     _CALLS[key] = (tasks, calls)
     return calls
+
+
+# Deferred-merge layouts (:mod:`.deferred`), by the identity of the task sequence, as for _CALLS.
+_LAYOUTS: dict[tuple, tuple[Sequence[AttentionTask], DeferredLayout | None]] = {}
+
+
+def _layout(tasks: Sequence[AttentionTask], q: torch.Tensor) -> DeferredLayout | None:
+    """:func:`~.deferred.deferred_layout` of ``tasks`` on ``q``, remembered like the kernel calls."""
+    key = (id(tasks), tuple(q.shape))
+    hit = _LAYOUTS.get(key)
+    if hit is not None and hit[0] is tasks:
+        return hit[1]
+    layout = deferred_layout(tasks, tuple(q.shape))
+    if len(_LAYOUTS) >= _CALLS_KEPT:
+        _LAYOUTS.pop(next(iter(_LAYOUTS)))
+    _LAYOUTS[key] = (tasks, layout)
+    return layout
 
 
 def _document_calls(
@@ -150,6 +174,9 @@ def dilated_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merged output ``[B, N, Hq, D]`` (q's dtype) and log-sum-exp ``[B, N, Hq]`` (float32/64)."""
     calls = _document_calls(tasks, q, k, max_call_elements, backend, documents)
+    layout = _layout(tasks, q) if deferred.ENABLED and documents is None else None
+    if layout is not None:
+        return _forward_deferred(q, k, v, calls, layout, backend, causal=causal, scale=scale)
     direct = _writes_first(tasks, calls, q)
     if direct:
         acc = _accumulator_dtype(q.dtype)
@@ -171,6 +198,36 @@ def dilated_forward(
                 merge_partial(out, lse, part, o_p, l_p)
         del o_i, l_i
     return out.to(q.dtype), lse
+
+
+def _forward_deferred(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    calls: Sequence[tuple[Call, Varlen | None]],
+    layout: DeferredLayout,
+    backend: AttentionBackend,
+    *,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`dilated_forward` with the merge deferred (:mod:`.deferred`): every call writes its
+    results into its pattern's buffer (in place where the backend has ``forward_into``), one pass
+    merges them."""
+    state = DeferredMerge(layout, q, _accumulator_dtype(q.dtype))
+    into = getattr(backend, "forward_into", None)
+    for call, _ in calls:
+        sel, kv = call.query, call.key_value
+        q_i, k_i, v_i = sel.gather(q), kv.gather(k), kv.gather(v)
+        targets = state.targets(call) if into is not None else None
+        if targets is not None:
+            into(q_i, k_i, v_i, *targets, causal=causal, scale=scale)
+        else:
+            o_i, l_i = backend.forward(q_i, k_i, v_i, causal=causal, scale=scale)
+            state.write(call, o_i, l_i)
+            del o_i, l_i
+        del q_i, k_i, v_i
+    return state.finish()
 
 
 def new_accumulators(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,8 +283,11 @@ def dilated_backward(
             causal=causal,
             scale=scale,
         )
-        for where, dst, grad in ((sel, dq, grads[0]), (kv, dk, grads[1]), (kv, dv, grads[2])):
-            where.put(dst, grad) if write else where.add(dst, grad)
+        if write:
+            for where, dst, grad in ((sel, dq, grads[0]), (kv, dk, grads[1]), (kv, dv, grads[2])):
+                where.put(dst, grad)
+        else:
+            add_call_grads(sel, kv, grads, dq, dk, dv)
         del grads
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 

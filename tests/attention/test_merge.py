@@ -82,9 +82,11 @@ def test_fused_merge_equals_torch_merge(name, some_unseen, dtype):
 
 @pytest.fixture
 def fused_everywhere(monkeypatch):
-    """The fused merge on CPU tensors too (Triton's interpreter), wherever it would apply on CUDA."""
-    from longnet_megatron.attention import merge
+    """The fused online merge on CPU tensors too (Triton's interpreter), wherever it would apply on
+    CUDA; the deferred merge (tests/attention/test_deferred_merge.py) is off, so every call merges online."""
+    from longnet_megatron.attention import deferred, merge
 
+    monkeypatch.setattr(deferred, "ENABLED", False)
     if merge.triton is None:
         pytest.fail("triton is a test dependency (requirements-dev.txt)")
     calls = []

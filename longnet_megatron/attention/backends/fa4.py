@@ -110,6 +110,28 @@ class FA4Backend:
         )[:2]
         return out, lse
 
+    def forward_into(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        *,
+        causal: bool,
+        scale: float,
+    ) -> None:
+        """:meth:`forward` writing into given views: ``out [b, l, h, d]`` and ``lse [b, h, l]`` (l
+        contiguous, other strides 16-byte aligned), the per-pattern buffers of the deferred merge."""
+        if q.shape[1] == 1:
+            o, lse_1 = _SINGLE_ROW.forward(q, k, v, causal=causal, scale=scale)
+            out.copy_(o)
+            lse.copy_(lse_1)
+            return
+        self._interface._flash_attn_fwd(
+            q, k, v, softmax_scale=scale, causal=causal, return_lse=True, out=out, lse=lse
+        )
+
     def backward(
         self,
         dout: torch.Tensor,
