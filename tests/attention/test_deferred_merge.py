@@ -74,8 +74,8 @@ def call_layout(request, monkeypatch):
     return request.param
 
 
-def _check(case: Case, seed: int, backend) -> None:
-    q, k, v, dout = case.tensors(torch.float32, seed)
+def _check(case: Case, seed: int, backend, device: str = "cpu") -> None:
+    q, k, v, dout = case.tensors(torch.float32, seed, device)
     q.requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True)
     out, lse = _forward(case, q, k, v, backend, enabled=True)
     online_out, online_lse = _forward(case, q.detach(), k.detach(), v.detach(), backend, enabled=False)
@@ -90,6 +90,9 @@ def _check(case: Case, seed: int, backend) -> None:
     for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
         err = ((got.double() - want).norm() / want.norm()).item()
         assert err < 2e-5, f"{name}: relative error {err:.2e} for {case}"
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize("name", DEFERRED_NAMED)
@@ -177,13 +180,14 @@ def test_fused_kernel_matches_torch_merge(name):
 
 @pytest.mark.parametrize("name", ["gqa_offsets", "n_multiple_of_largest"])
 def test_end_to_end_with_the_fused_kernel(name, call_layout, monkeypatch):
-    """The whole function with the Triton merge (interpreter on CPU) against the online merge and oracle."""
+    """The whole function with the Triton merge (interpreter on CPU, compiled on CUDA) against the online
+    merge and the oracle."""
     used = []
 
-    def fused_on_cpu(out, lse):
-        used.append(True)
-        return lse.dtype == torch.float32
+    def fused_on_cpu_too(out, lse):
+        used.append(lse.dtype == torch.float32)
+        return used[-1]
 
-    monkeypatch.setattr(deferred, "_fused_applies", fused_on_cpu)
-    _check(NAMED_CASES[name], seed=13, backend="reference")
-    assert used
+    monkeypatch.setattr(deferred, "_fused_applies", fused_on_cpu_too)
+    _check(NAMED_CASES[name], seed=13, backend="reference", device=DEVICE)
+    assert any(used)
