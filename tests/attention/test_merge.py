@@ -6,6 +6,8 @@ GPU the same tests run it compiled. The dilated attention tests on the GPU cover
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -89,6 +91,10 @@ def fused_everywhere(monkeypatch):
     monkeypatch.setattr(deferred, "ENABLED", False)
     if merge.triton is None:
         pytest.fail("triton is a test dependency (requirements-dev.txt)")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        # Compiled Triton cannot read CPU tensors; on a GPU the kernel runs end to end in the oracle
+        # tests of tests/attention/test_gpu_backends.py (ragged cases take the online merge).
+        pytest.skip("the kernel runs on CPU tensors only in Triton's interpreter (TRITON_INTERPRET=1)")
     calls = []
 
     def on_cpu_too(out, lse, sel, o_i):
