@@ -48,12 +48,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from longnet_megatron.attention import (  # noqa: E402
     DilatedAttentionConfig,
+    GraphedDilatedAttention,
     UnsupportedInputError,
     dilated_attention,
     get_backend,
 )
 from longnet_megatron.attention.backends import WHOLE_FUNCTION_BACKENDS  # noqa: E402
 from longnet_megatron.attention.documents import Documents  # noqa: E402
+from longnet_megatron.attention.graphs import GraphedAttention  # noqa: E402
 
 DEFAULT_N = [8192, 16384, 32768, 131072, 524288, 1048576]
 SETS = ("geometric", "paper", "fullrange")
@@ -135,6 +137,15 @@ def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
         )
     return out.transpose(1, 2)
+
+
+def _graph_modes(args: argparse.Namespace, n: int) -> tuple[bool, ...]:
+    """Eager, and with --cuda-graph (up to --cuda-graph-max-n) also replayed from CUDA graphs."""
+    return (False, True) if args.cuda_graph and n <= args.cuda_graph_max_n else (False,)
+
+
+def _label(name: str, graph: bool) -> str:
+    return f"{name}+graph" if graph else name
 
 
 def measure(
@@ -232,27 +243,40 @@ def sweep(args: argparse.Namespace) -> list[dict]:
             base = {"head_dim": d, "n": n, "heads": args.heads, "dtype": args.dtype}
             if args.dense and n <= args.dense_max_n:
                 flops = 4.0 * d * args.heads * n * n * 0.5
-                rows.append({**base, "set": "dense", **run_one("dense-cudnn", _dense, tensors, flops, args)})
-                _print_row(rows[-1])
+                for graph in _graph_modes(args, n):
+                    row = {**base, "set": "dense", **({"graph": True} if graph else {})}
+                    attend = GraphedAttention(_dense) if graph else _dense
+                    rows.append(
+                        {**row, **run_one(_label("dense-cudnn", graph), attend, tensors, flops, args)}
+                    )
+                    _print_row(rows[-1])
             for set_name in args.sets:
                 config = pattern_set(set_name, n)
                 flops = useful_flops(config, n, args.heads, d)
                 for name in args.backends:
                     for doc_len in [0, *args.doc_lens]:
-                        row = {**base, "set": set_name, "patterns": [list(p) for p in config.patterns]}
-                        if name == "sdpa":
-                            row["kernel"] = get_backend("sdpa").select(tensors[0])
-                        docs = None
-                        if doc_len:
-                            row["doc_len"] = doc_len
-                            docs = packed_documents(n, doc_len, seed=n + doc_len)
+                        for graph in _graph_modes(args, n) if not doc_len else (False,):
+                            row = {**base, "set": set_name, "patterns": [list(p) for p in config.patterns]}
+                            if name == "sdpa":
+                                row["kernel"] = get_backend("sdpa").select(tensors[0])
+                            docs = None
+                            if doc_len:
+                                row["doc_len"] = doc_len
+                                docs = packed_documents(n, doc_len, seed=n + doc_len)
+                            if graph:
+                                row["graph"] = True
+                                attend = GraphedDilatedAttention(config, name)
+                            else:
 
-                        def attend(q, k, v, documents=None, config=config, name=name):
-                            return dilated_attention(q, k, v, config, backend=name, document_ids=documents)
+                                def attend(q, k, v, documents=None, config=config, name=name):
+                                    return dilated_attention(
+                                        q, k, v, config, backend=name, document_ids=documents
+                                    )
 
-                        row.update(run_one(name, attend, tensors, flops, args, docs))
-                        rows.append(row)
-                        _print_row(row)
+                            row.update(run_one(_label(name, graph), attend, tensors, flops, args, docs))
+                            rows.append(row)
+                            _print_row(row)
+                            del attend  # a graphed module's memory pool goes with it
             del tensors
             torch.cuda.empty_cache()
     return rows
@@ -276,9 +300,9 @@ def _print_row(row: dict) -> None:
 def render_markdown(runs: list[dict], rows: list[dict]) -> str:
     """A markdown report: how each run was made, then one table per head size and pattern set."""
     dense = {
-        (r["head_dim"], r["n"], r.get("run")): r
+        (r["head_dim"], r["n"], r.get("run"), bool(r.get("graph"))): r
         for r in rows
-        if r.get("backend") == "dense-cudnn" and r.get("status") == "ok"
+        if r.get("backend", "").startswith("dense-cudnn") and r.get("status") == "ok"
     }
     lines = ["# Dilated attention benchmark", ""]
     for i, meta in enumerate(runs, 1):
@@ -293,7 +317,8 @@ def render_markdown(runs: list[dict], rows: list[dict]) -> str:
         "* useful TFLOP/s: per head and pattern (N/r) queries x (min(w,N)/r) keys, causal halves, x3.5 for fwd+bwd",
         "* peak = torch.cuda.max_memory_allocated during one fwd+bwd, inputs (q, k, v, dout) included",
         "* vs dense = dense causal cuDNN attention (PyTorch SDPA) fwd+bwd time / this fwd+bwd time, "
-        "same N, same process",
+        "same N, same process; '+graph' rows (fwd+bwd replayed from CUDA graphs, the fwd column eager) "
+        "against dense replayed the same way",
         "* docs = mean document length with document masking (lengths uniform in [L/2, 3L/2]; '-': "
         "unmasked); vs unmasked = the same backend's unmasked fwd+bwd time / this one; layout ms = "
         "computing the per-call document layouts once per batch (shared by every layer)",
@@ -322,9 +347,9 @@ def render_markdown(runs: list[dict], rows: list[dict]) -> str:
         group = group + [r for r in rows if r.get("set") == "dense" and r["head_dim"] == d and r["n"] in ns]
         order = lambda r: (r.get("n", 0), r.get("run", 1), r.get("backend", ""), r.get("doc_len") or 0)  # noqa: E731
         for r in sorted(group, key=order):
-            ref = dense.get((r.get("head_dim"), r.get("n"), r.get("run")))
+            ref = dense.get((r.get("head_dim"), r.get("n"), r.get("run"), bool(r.get("graph"))))
             speed = masked = None
-            if ref and r.get("status") == "ok" and r["backend"] != "dense-cudnn":
+            if ref and r.get("status") == "ok" and not r["backend"].startswith("dense-cudnn"):
                 speed = ref["fwdbwd_ms"] / r["fwdbwd_ms"]
             plain = unmasked.get((r["head_dim"], r["n"], r.get("set"), r.get("backend"), r.get("run")))
             if r.get("doc_len") and plain and r.get("status") == "ok":
@@ -383,6 +408,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-reps", type=int, default=10)
     p.add_argument("--time-budget", type=float, default=float("inf"), help="stop starting new N after this")
     p.add_argument("--profile", action="store_true", help="print a profile of each fwd+bwd")
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="also time each backend (and dense) with fwd+bwd replayed from CUDA graphs "
+        "(GraphedDilatedAttention; the forward-only time stays eager); rows '<name>+graph'",
+    )
+    p.add_argument("--cuda-graph-max-n", type=int, default=131072, help="longest N graphed with --cuda-graph")
+    p.add_argument("--merge-block", type=int, default=None, help="override deferred.BLOCK_ROWS")
+    p.add_argument("--merge-warps", type=int, default=None, help="override deferred.NUM_WARPS")
     p.add_argument("--pack-below", type=int, default=None, help="override packing.PACK_BELOW (tuning)")
     p.add_argument("--pack-plan-below", type=int, default=None, help="override packing.PACK_PLAN_BELOW")
     p.add_argument(
@@ -440,6 +474,11 @@ def _apply_knobs(args: argparse.Namespace) -> None:
         packing.PACK_BELOW = args.pack_below
     if args.pack_plan_below is not None:
         packing.PACK_PLAN_BELOW = args.pack_plan_below
+    if args.merge_block is not None or args.merge_warps is not None:
+        from longnet_megatron.attention import deferred
+
+        deferred.BLOCK_ROWS = args.merge_block or deferred.BLOCK_ROWS
+        deferred.NUM_WARPS = args.merge_warps or deferred.NUM_WARPS
     if args.merge != "deferred":
         try:
             from longnet_megatron.attention import deferred

@@ -36,8 +36,10 @@ except ImportError:  # CPU-only installs: the PyTorch merge serves
 
 # False: every plan takes the online merge (benchmarks compare the two).
 ENABLED = True
-# (position, head) rows per program of the merge kernel.
-_BLOCK_ROWS = 16
+# (position, head) rows per program of the merge kernel, and its warps (tools/bench_merge.py sweeps them;
+# docs/attention.md has the figures, and those of a layout over positions of one head that was slower).
+BLOCK_ROWS = 16
+NUM_WARPS = 4
 
 Call = AttentionTask | PackedTask
 
@@ -287,10 +289,10 @@ def merge_fused(state: DeferredMerge, others: Sequence[PatternLayout], lse: torc
     if total == 0:
         return
     meta = state.layout.meta(state.out.device)
-    grid = (triton.cdiv(total, _BLOCK_ROWS),)
+    grid = (triton.cdiv(total, BLOCK_ROWS),)
     _deferred_merge_kernel[grid](
         state.out, state.base_lse, lse, state.y, state.ly, meta, len(others), total, b, n, h,
-        D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_ROWS=_BLOCK_ROWS,
+        D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_ROWS=BLOCK_ROWS, num_warps=NUM_WARPS,
     )  # fmt: skip
 
 

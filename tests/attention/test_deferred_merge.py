@@ -163,9 +163,12 @@ def _random_state(case: Case, seed: int, device: str) -> tuple[DeferredMerge, li
     return state, [p for p in layout.patterns.values() if not p.base]
 
 
+@pytest.mark.parametrize("block", [16, 64])
 @pytest.mark.parametrize("name", ["gqa_offsets", "n_shorter_than_segment", "w_equals_r"])
-def test_fused_kernel_matches_torch_merge(name):
-    """The Triton kernel (interpreter on CPU) against the PyTorch merge, same buffers."""
+def test_fused_kernel_matches_torch_merge(name, block, monkeypatch):
+    """The Triton kernel (interpreter on CPU) against the PyTorch merge, same buffers; blocks of 16
+    (position, head) rows cut them into several programs with a partial last one."""
+    monkeypatch.setattr(deferred, "BLOCK_ROWS", block)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     case = NAMED_CASES[name]
     fused_state, others = _random_state(case, 11, device)
