@@ -265,7 +265,9 @@ def sweep(args: argparse.Namespace) -> list[dict]:
                                 docs = packed_documents(n, doc_len, seed=n + doc_len)
                             if graph:
                                 row["graph"] = True
-                                attend = GraphedDilatedAttention(config, name)
+                                attend = GraphedDilatedAttention(
+                                    config, name, pack_whole_plan=args.graph_plan_packing
+                                )
                             else:
 
                                 def attend(q, k, v, documents=None, config=config, name=name):
@@ -415,6 +417,11 @@ def main(argv: list[str] | None = None) -> None:
         "(GraphedDilatedAttention; the forward-only time stays eager); rows '<name>+graph'",
     )
     p.add_argument("--cuda-graph-max-n", type=int, default=131072, help="longest N graphed with --cuda-graph")
+    p.add_argument(
+        "--graph-plan-packing",
+        action="store_true",
+        help="graphed rows: pack short plans whole (GraphedDilatedAttention(pack_whole_plan=True); off by default)",
+    )
     p.add_argument("--merge-block", type=int, default=None, help="override deferred.BLOCK_ROWS")
     p.add_argument("--merge-warps", type=int, default=None, help="override deferred.NUM_WARPS")
     p.add_argument("--pack-below", type=int, default=None, help="override packing.PACK_BELOW (tuning)")

@@ -36,7 +36,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from . import deferred
+from . import deferred, packing
 from .backends.base import AttentionBackend
 from .deferred import DeferredLayout, DeferredMerge, deferred_layout
 from .documents import Documents, Varlen, attend, attend_backward
@@ -69,7 +69,8 @@ def _calls(
     tasks: Sequence[AttentionTask], q: torch.Tensor, k: torch.Tensor, max_elements: int
 ) -> list[AttentionTask | PackedTask]:
     """:func:`~.packing.kernel_calls` of ``tasks``, remembered for the next step with the same plan."""
-    key = (id(tasks), tuple(q.shape), k.shape[2], q.device, max_elements)
+    key = (id(tasks), tuple(q.shape), k.shape[2], q.device, max_elements, packing.PACK_BELOW,
+           packing.PACK_PLAN_BELOW)  # fmt: skip
     hit = _CALLS.get(key)
     if hit is not None and hit[0] is tasks:
         return hit[1]

@@ -26,6 +26,7 @@ from torch import nn
 from .api import dilated_attention
 from .backends import AttentionBackend
 from .config import DilatedAttentionConfig
+from .packing import whole_plan_packing
 
 Signature = tuple
 
@@ -39,6 +40,7 @@ class GraphedAttention(nn.Module):
         super().__init__()
         self.fn = fn
         self.warmup_iters = warmup_iters
+        self.pack_whole_plan = True  # what the captured calls plan with (see GraphedDilatedAttention)
         self._graphs: dict[Signature, Callable[..., torch.Tensor]] = {}
         self._in_flight: weakref.ref | None = None  # the last graphed output still awaiting its backward
         self._pending = False
@@ -80,9 +82,10 @@ class GraphedAttention(nn.Module):
     def _capture(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[..., torch.Tensor]:
         """Graphs of ``fn``'s forward and backward on inputs like q, k, v (captured from copies)."""
         samples = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in (q, k, v))
-        return torch.cuda.make_graphed_callables(
-            self.fn, samples, num_warmup_iters=self.warmup_iters, allow_unused_input=True
-        )
+        with whole_plan_packing(self.pack_whole_plan):  # warm-up and capture plan their calls here
+            return torch.cuda.make_graphed_callables(
+                self.fn, samples, num_warmup_iters=self.warmup_iters, allow_unused_input=True
+            )
 
 
 class GraphedDilatedAttention(GraphedAttention):
@@ -97,10 +100,15 @@ class GraphedDilatedAttention(GraphedAttention):
         head_offset: int = 0,
         position_offset: int = 0,
         warmup_iters: int = 3,
+        pack_whole_plan: bool = False,
     ) -> None:
+        """``pack_whole_plan``: whether captured calls pack a short plan whole (:mod:`.packing`). Off by
+        default: packing saves launches, which a replay does not pay for, at the cost of gathers (H200,
+        8K: 2.05 ms fwd+bwd unpacked against 3.57 packed; docs/attention.md)."""
         eager = partial(dilated_attention, config=config, backend=backend, head_offset=head_offset,
                         position_offset=position_offset)  # fmt: skip
         super().__init__(eager, warmup_iters=warmup_iters)
+        self.pack_whole_plan = pack_whole_plan
         self.config = config
         self.backend = backend
         self.head_offset = head_offset

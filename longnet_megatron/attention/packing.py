@@ -13,7 +13,8 @@ when the whole plan is small (short sequences), every task counts as small.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,25 @@ PACK_BELOW = 1 << 22
 # heads of 128 and the geometric patterns), where the host's launches set the pace: 6% faster at 8K,
 # but 10-25% slower at 16K, where the first pattern's copies outweigh the launches saved.
 PACK_PLAN_BELOW = 1 << 25
+
+
+@contextlib.contextmanager
+def whole_plan_packing(enabled: bool) -> Iterator[None]:
+    """Within the block, short plans are packed whole (:data:`PACK_PLAN_BELOW`) or not at all.
+
+    Packing a whole plan saves launches at the cost of gathers and index-adds; replayed from CUDA
+    graphs (:mod:`.graphs`), launches cost nothing, so graph capture can turn it off.
+    """
+    global PACK_PLAN_BELOW
+    saved = PACK_PLAN_BELOW
+    if not enabled:
+        PACK_PLAN_BELOW = 0
+    try:
+        yield
+    finally:
+        PACK_PLAN_BELOW = saved
+
+
 # PackedTask.pattern of a call that holds several patterns (see PackedTask.parts).
 MIXED = -1
 

@@ -10,6 +10,10 @@ sum of exponentials and the target logit over the tensor-parallel group; its gra
 as they are), and the input side is
 ``ColumnParallelLinear``'s (copy to the TP region, or the sequence-parallel all-gather), so loss and
 gradients equal those of ``output_layer`` + ``compute_language_model_loss``.
+
+On CUDA each chunk's softmax statistics and its logits gradient are one Triton pass each over the
+logits in their own dtype (:mod:`.fused_cross_entropy`) instead of PyTorch's float32 passes, and the
+output weight's gradient is accumulated in float32 by the GEMM itself where PyTorch offers it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
 )
+
+from . import fused_cross_entropy as fused
 
 
 def chunked_linear_cross_entropy(
@@ -110,6 +116,21 @@ def _chunk_loss_stats(
     return log_sum_exp - stats[0], log_sum_exp + logits_max
 
 
+def _chunk_loss_stats_fused(
+    logits: torch.Tensor, target: torch.Tensor, vocab_start: int, tp_group: dist.ProcessGroup | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_chunk_loss_stats` from one kernel pass over the logits (kept as they are) per rank."""
+    local_max, sum_exp, picked = fused.chunk_softmax_stats(logits, target, vocab_start)
+    if tp_group is not None and tp_group.size() > 1:
+        logits_max = local_max.clone()
+        _all_reduce(logits_max, dist.ReduceOp.MAX, tp_group)
+        stats = torch.stack((picked, sum_exp * torch.exp(local_max - logits_max)))
+        _all_reduce(stats, dist.ReduceOp.SUM, tp_group)
+        picked, sum_exp, local_max = stats[0], stats[1], logits_max
+    log_sum_exp = torch.log(sum_exp) + local_max
+    return log_sum_exp - picked, log_sum_exp
+
+
 def _grad_logits(
     logits: torch.Tensor,
     lse: torch.Tensor,
@@ -129,6 +150,47 @@ def _grad_logits(
     )
 
 
+def _chunk_grad(
+    logits: torch.Tensor,
+    lse: torch.Tensor,
+    target: torch.Tensor,
+    grad_loss: torch.Tensor,
+    vocab_range: tuple[int, int],
+    dtype: torch.dtype,
+    need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(gradient of one chunk's logits in ``dtype``, its column sums in float32 or None).
+
+    The kernel writes it over the logits when it can (no bias, whose sum wants the float32 values).
+    """
+    if not need_bias and logits.dtype == dtype and fused.fused_applies(logits):
+        return fused.chunk_logits_grad_(logits, lse, target, grad_loss, vocab_range[0]), None
+    grad_logits = _grad_logits(logits, lse, target, grad_loss, *vocab_range)
+    bias_grad = grad_logits.sum(dim=0) if need_bias else None
+    return grad_logits.to(dtype), bias_grad
+
+
+# Whether torch.addmm takes out_dtype (float32 results of half-precision operands) here; None: untried.
+_ADDMM_OUT_DTYPE: bool | None = None
+
+
+def _add_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
+    """``grad_weight += grad_logits.T @ hidden``; a float32 accumulator of half-precision operands is
+    added to by the GEMM itself where PyTorch can (CUDA), else through a product in their dtype."""
+    global _ADDMM_OUT_DTYPE
+    if grad_weight.dtype == hidden.dtype:
+        grad_weight.addmm_(grad_logits.t(), hidden)
+        return
+    if grad_weight.is_cuda and fused.FUSED and _ADDMM_OUT_DTYPE is not False:
+        try:
+            torch.addmm(grad_weight, grad_logits.t(), hidden, grad_weight.dtype, out=grad_weight)
+            _ADDMM_OUT_DTYPE = True
+            return
+        except (RuntimeError, TypeError):  # older PyTorch: no addmm.dtype_out on this device
+            _ADDMM_OUT_DTYPE = False
+    grad_weight += torch.mm(grad_logits.t(), hidden)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """hidden ``[n, h]`` (replicated over TP), weight ``[V_local, h]``, target ``[n]`` -> loss ``[n]`` (>= fp32)."""
 
@@ -140,8 +202,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         lse = torch.empty_like(loss)
         for start in range(0, n, chunk_tokens):
             rows = slice(start, min(start + chunk_tokens, n))
-            logits = _logits(hidden[rows], weight, bias).to(loss.dtype)
-            loss[rows], lse[rows] = _chunk_loss_stats(logits, target[rows], vocab_start, vocab_end, tp_group)
+            logits = _logits(hidden[rows], weight, bias)
+            if fused.fused_applies(logits):
+                stats = _chunk_loss_stats_fused(logits, target[rows], vocab_start, tp_group)
+            else:
+                stats = _chunk_loss_stats(
+                    logits.to(loss.dtype), target[rows], vocab_start, vocab_end, tp_group
+                )
+            loss[rows], lse[rows] = stats
             del logits
         ctx.save_for_backward(hidden, weight, bias, target, lse)
         ctx.chunk_tokens, ctx.vocab_range = chunk_tokens, (vocab_start, vocab_end)
@@ -152,29 +220,28 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         hidden, weight, bias, target, lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        # fp32 accumulators across chunks (each chunk's GEMM is rounded to the parameters' dtype once).
+        # fp32 accumulators across chunks (:func:`_add_weight_grad`: each chunk's product added in fp32).
         acc = _softmax_dtype(weight.dtype)
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_bias else None
         n, chunk = hidden.shape[0], ctx.chunk_tokens
         for start in range(0, n, chunk):
             rows = slice(start, min(start + chunk, n))
-            grad_logits = _grad_logits(
+            grad_logits, bias_grad = _chunk_grad(
                 _logits(hidden[rows], weight, bias),
                 lse[rows],
                 target[rows],
                 grad_loss[rows],
-                *ctx.vocab_range,
+                ctx.vocab_range,
+                hidden.dtype,
+                need_bias,
             )
             if need_bias:
-                grad_bias += grad_logits.sum(dim=0)
-            grad_logits = grad_logits.to(hidden.dtype)
+                grad_bias += bias_grad
             if need_hidden:
                 torch.mm(grad_logits, weight, out=grad_hidden[rows])
-            if need_weight and grad_weight.dtype == hidden.dtype:
-                grad_weight.addmm_(grad_logits.t(), hidden[rows])
-            elif need_weight:
-                grad_weight += torch.mm(grad_logits.t(), hidden[rows])
+            if need_weight:
+                _add_weight_grad(grad_weight, grad_logits, hidden[rows])
         grad_weight = grad_weight.to(weight.dtype) if need_weight else None
         grad_bias = grad_bias.to(bias.dtype) if need_bias else None
         return grad_hidden, grad_weight, grad_bias, None, None, None

@@ -154,3 +154,29 @@ def test_a_first_pattern_packed_after_other_calls_is_merged_not_written(monkeypa
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     for got, want in zip(grads, torch.autograd.grad(ref, (q64, k64, v64), dout)):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_whole_plan_packing_off_keeps_short_plans_on_views_and_apart_in_the_cache(monkeypatch):
+    """A short plan is packed whole by default; within ``whole_plan_packing(False)`` it is planned as a
+    long one would be (here: no small tasks at all, so no packed call), and the remembered call lists
+    of the two settings do not mix."""
+    monkeypatch.setattr(function, "_CALLS", {})
+    monkeypatch.setattr(packing, "PACK_BELOW", 1)  # nothing is small: only whole-plan packing packs
+    case = NAMED_CASES["n_multiple_of_largest"]
+    q, k, v, _ = case.tensors(torch.float64, seed=6)
+    tasks = plan_tasks(case.config, case.n, case.heads, case.heads)
+    default = function._calls(tasks, q, k, function.MAX_CALL_ELEMENTS)
+    assert any(isinstance(c, packing.PackedTask) for c in default)
+    with packing.whole_plan_packing(False):
+        unpacked = function._calls(tasks, q, k, function.MAX_CALL_ELEMENTS)
+        assert packing.PACK_PLAN_BELOW == 0
+    assert not any(isinstance(c, packing.PackedTask) for c in unpacked)
+    assert packing.PACK_PLAN_BELOW == 1 << 25  # restored
+    assert function._calls(tasks, q, k, function.MAX_CALL_ELEMENTS) is default
+    with packing.whole_plan_packing(True):
+        assert function._calls(tasks, q, k, function.MAX_CALL_ELEMENTS) is default
+    kw = {"causal": case.causal, "scale": 0.3}
+    with packing.whole_plan_packing(False):
+        out, lse = dilated_forward(q, k, v, tasks, ReferenceBackend(), **kw)
+    want, _ = dilated_forward(q, k, v, tasks, ReferenceBackend(), **kw)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)

@@ -24,10 +24,9 @@ GRAPH_BACKENDS = os.environ.get("LONGNET_TEST_BACKENDS", "fa4,sdpa-cudnn").split
 GRAPH_CASES = ["paper_ragged_d128", "gqa_noncausal_d64", "gqa_offsets", "geometric_partial_d128"]
 
 
-def _module(case, backend):
-    return GraphedDilatedAttention(
-        case.config, backend, head_offset=case.head_offset, position_offset=case.position_offset
-    )
+def _module(case, backend, pack_whole_plan: bool = False):
+    return GraphedDilatedAttention(case.config, backend, head_offset=case.head_offset,
+                                   position_offset=case.position_offset, pack_whole_plan=pack_whole_plan)  # fmt: skip
 
 
 def test_cpu_inputs_take_the_eager_function():
@@ -68,11 +67,14 @@ def test_in_flight_guard():
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 @pytest.mark.parametrize("name", GRAPH_CASES)
 @pytest.mark.parametrize("backend", GRAPH_BACKENDS)
-def test_graphed_matches_eager_and_oracle(backend, name, dtype):
+@pytest.mark.parametrize("pack_whole_plan", [True, False], ids=["plan-packed", "plan-unpacked"])
+def test_graphed_matches_eager_and_oracle(backend, name, dtype, pack_whole_plan):
     """Three calls on fresh inputs each: the replay equals the eager function (to the kernels' own
-    run-to-run rounding) and the oracle; the first call's inputs are the oracle's."""
+    run-to-run rounding) and the oracle; the first call's inputs are the oracle's. These short cases
+    are packed whole by the eager function; graphed (by default unpacked) the captured calls are the
+    long-sequence plan's."""
     case = CASES[name]
-    graphed = _module(case, backend)
+    graphed = _module(case, backend, pack_whole_plan)
     for call in range(3):
         seed = _seed(name, dtype) if call == 0 else 1000 + call
         q, k, v, dout = case.tensors(DTYPES[dtype], seed=seed, device="cuda")

@@ -9,12 +9,20 @@ tests/model/test_chunked_loss.py.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from longnet_megatron.model import build_longnet_gpt, chunked_linear_cross_entropy, get_preset
+from longnet_megatron.model import (
+    build_longnet_gpt,
+    chunked_linear_cross_entropy,
+    fused_cross_entropy,
+    get_preset,
+)
 from longnet_megatron.model.state_dict import tensors_only
 from longnet_megatron.testing import ParallelLayout, initialize_megatron_parallel
 
@@ -105,14 +113,18 @@ def _function_case(seed: int, s: int, b: int, h: int, v: int):
     return hidden, weight, bias, labels, grad
 
 
-def tp_function_checks() -> dict:
-    """The loss function under TP=2 (vocabulary split; sequence parallel too) vs unsharded float64."""
+def tp_function_checks(dtype: torch.dtype = torch.float64) -> dict:
+    """The loss function under TP=2 (vocabulary split; sequence parallel too) vs unsharded float64,
+    its inputs rounded to ``dtype``."""
     tp_group = parallel_state.get_tensor_model_parallel_group()
     rank, size = tp_group.rank(), tp_group.size()
     s, b, h, v = 26, 3, 8, 40
     out = {}
     for sequence_parallel in (False, True):
-        hidden, weight, bias, labels, grad = _function_case(7, s, b, h, v)
+        case = _function_case(7, s, b, h, v)
+        hidden, weight, bias, labels, grad = (
+            t.to(dtype).to(torch.float64) if t.is_floating_point() else t for t in case
+        )
         if sequence_parallel:
             bias = None  # Megatron's output layer has none; the bias path is covered without SP
         ref_in = [
@@ -128,11 +140,11 @@ def tp_function_checks() -> dict:
             slice(rank * v // size, (rank + 1) * v // size),
         )
         local = [
-            (hidden[rows] if sequence_parallel else hidden).clone().requires_grad_(),
-            weight[vocab].clone().requires_grad_(),
+            (hidden[rows] if sequence_parallel else hidden).to(dtype, copy=True).requires_grad_(),
+            weight[vocab].to(dtype, copy=True).requires_grad_(),
         ]
         if bias is not None:
-            local.append(bias[vocab].clone().requires_grad_())
+            local.append(bias[vocab].to(dtype, copy=True).requires_grad_())
         loss = chunked_linear_cross_entropy(
             local[0],
             local[1],
@@ -142,17 +154,29 @@ def tp_function_checks() -> dict:
             tp_group=tp_group,
             sequence_parallel=sequence_parallel,
         )
-        grads = torch.autograd.grad((loss * grad).sum(), local)
+        grads = torch.autograd.grad((loss * grad.to(dtype)).sum(), local)
         expected = [ref_grads[0][rows] if sequence_parallel else ref_grads[0], ref_grads[1][vocab]]
         if bias is not None:
             expected.append(ref_grads[2][vocab])
         out[f"sp={sequence_parallel}"] = {
-            "loss": loss.detach(),
+            "loss": loss.detach().double(),
             "ref_loss": ref_loss.detach(),
-            "grads": [g.detach() for g in grads],
+            "grads": [g.detach().double() for g in grads],
             "ref_grads": [g.detach() for g in expected],
         }
     return out
+
+
+@contextlib.contextmanager
+def forced_fused_loss() -> Iterator[None]:
+    """The chunked loss takes the Triton kernels (:mod:`~longnet_megatron.model.fused_cross_entropy`)
+    on CPU tensors too, which run in Triton's interpreter."""
+    saved = fused_cross_entropy.fused_applies
+    fused_cross_entropy.fused_applies = lambda logits: logits.dtype in fused_cross_entropy._DTYPES
+    try:
+        yield
+    finally:
+        fused_cross_entropy.fused_applies = saved
 
 
 def tp_model_checks() -> dict:
@@ -185,6 +209,8 @@ def chunked_loss_worker() -> dict:
     state = tensors_only(build_longnet_gpt(tiny_preset(True)).state_dict())  # same on both ranks
     initialize_megatron_parallel(ParallelLayout(tp=2))
     out["tp_function"] = _section(tp_function_checks)
+    with forced_fused_loss():
+        out["tp_function_fused"] = _section(tp_function_checks, torch.float32)
     out["tp_model"] = _section(tp_model_checks)
     initialize_megatron_parallel(ParallelLayout(pp=2))
     out["pp_model"] = _section(pipeline_checks, state)
