@@ -79,7 +79,7 @@ def test_chunked_mlp_module_matches_the_mlp_in_float64(chunk):
 @pytest.mark.parametrize("recompute", [{}, {"recompute_granularity": "full", "recompute_method": "uniform",
                                              "recompute_num_layers": 1}])  # fmt: skip
 def test_a_model_with_chunked_mlps_has_the_same_loss_and_gradients(recompute):
-    tokens = torch.randint(0, 256, (2, 256))
+    tokens = torch.randint(0, 256, (2, 256), generator=torch.Generator().manual_seed(0))
     reference = loss_and_grads(tiny_model(torch.float32, None, **recompute), tokens)
     chunked_model = tiny_model(torch.float32, 96, **recompute)
     assert all(isinstance(layer.mlp, ChunkedMLP) for layer in chunked_model.decoder.layers)
@@ -87,7 +87,9 @@ def test_a_model_with_chunked_mlps_has_the_same_loss_and_gradients(recompute):
     torch.testing.assert_close(loss, reference[0], rtol=1e-6, atol=1e-4)
     assert grads.keys() == reference[1].keys()
     for name, g in grads.items():
-        torch.testing.assert_close(g, reference[1][name], rtol=1e-5, atol=1e-6, msg=name)
+        # float32 sums over the chunks' tokens in another order: within 1e-5 of the largest entry
+        scale = reference[1][name].abs().max().item()
+        torch.testing.assert_close(g, reference[1][name], rtol=1e-5, atol=1e-5 * max(scale, 1e-3), msg=name)
 
 
 def test_chunking_needs_a_positive_chunk():
